@@ -1,0 +1,42 @@
+# kdcourse — the two commands a newcomer needs:
+#   make lab    open the course in JupyterLab (creates .venv on first use)
+#   make test   run the whole test suite       (creates .venv on first use)
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.kdcourse-installed
+PORT   ?= 8888
+
+.PHONY: install lab test test-fast labs check-labs strip bench clean-cache
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+lab: $(STAMP)
+	$(BIN)/jupyter lab --ip=127.0.0.1 --port=$(PORT) --ServerApp.root_dir=. labs/01_classic_kd.ipynb
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not notebooks and not browser"
+
+labs: $(STAMP)
+	$(BIN)/python -m kdcourse labgen
+
+check-labs: $(STAMP)
+	$(BIN)/python -m kdcourse labgen --check
+
+strip: $(STAMP)
+	$(BIN)/python -m kdcourse strip solutions/*.ipynb labs/*.ipynb
+
+bench: $(STAMP)
+	$(BIN)/python -m kdcourse bench lab1
+
+clean-cache:
+	rm -rf $${KDCOURSE_CACHE:-$$HOME/.cache/kdcourse}/teacher-*

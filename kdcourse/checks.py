@@ -1,0 +1,196 @@
+"""Checks for the exercises: accept correct code, name the usual mistakes.
+
+Each ``check_*`` runs the student's function on seeded random inputs,
+compares it with the reference implementation in :mod:`kdcourse.losses`
+(tolerance stated in the message), and when it differs, compares it with
+each *known-wrong variant* to say what is wrong ("off by a factor T² — did you
+scale the KL term?"). A passing check prints one line and returns ``True``;
+a failing one raises :class:`CheckFailed` (an ``AssertionError``) with the
+hint. ``NotImplementedError`` from an untouched exercise passes through.
+
+Later labs add their own checks with :func:`diagnose`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .losses import response
+
+RTOL = 1e-4
+ATOL = 1e-6
+
+
+class CheckFailed(AssertionError):
+    """The student's code disagrees with the reference; the message says how."""
+
+
+@dataclass
+class Case:
+    """One input on which reference and student are compared."""
+
+    args: tuple
+    kwargs: dict
+    label: str
+
+
+def _close(a, b, rtol=RTOL, atol=ATOL) -> bool:
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        return False
+    if a.shape != b.shape:
+        return False
+    return bool(torch.allclose(a.double(), b.double(), rtol=rtol, atol=atol, equal_nan=True))
+
+
+def _err(a, b) -> float:
+    return float((a.double() - b.double()).abs().max())
+
+
+def diagnose(
+    name: str,
+    student: Callable,
+    reference: Callable,
+    cases: Sequence[Case],
+    wrong_variants: dict[str, tuple[Callable, str]],
+    rtol: float = RTOL,
+    atol: float = ATOL,
+) -> bool:
+    """Compare ``student`` with ``reference`` on ``cases``.
+
+    ``wrong_variants`` maps a short name to ``(function, hint)``; when the
+    student disagrees with the reference but agrees with a variant on every
+    case, the hint is raised. Returns ``True`` when all cases agree.
+    """
+    outputs = []
+    for case in cases:
+        try:
+            out = student(*case.args, **case.kwargs)
+        except NotImplementedError:
+            raise
+        except Exception as exc:
+            raise CheckFailed(f"{name} raised {type(exc).__name__}: {exc} (on {case.label})") from exc
+        if not isinstance(out, torch.Tensor):
+            raise CheckFailed(f"{name} must return a torch.Tensor, got {type(out).__name__} (on {case.label})")
+        outputs.append(out)
+
+    ref_out = [reference(*c.args, **c.kwargs) for c in cases]
+    bad = [i for i, (o, r) in enumerate(zip(outputs, ref_out)) if not _close(o, r, rtol, atol)]
+    if not bad:
+        worst = max(_err(o, r) for o, r in zip(outputs, ref_out))
+        print(f"✓ {name} matches the reference on {len(cases)} cases "
+              f"(largest difference {worst:.1e}; tolerance rtol={rtol:g}, atol={atol:g})")
+        return True
+
+    for vname, (variant, hint) in wrong_variants.items():
+        var_out = [variant(*c.args, **c.kwargs) for c in cases]
+        # The variant must explain every case, and differ from the reference somewhere.
+        if all(_close(o, v, rtol, atol) for o, v in zip(outputs, var_out)):
+            raise CheckFailed(f"{name} is not right yet: {hint}")
+
+    i = bad[0]
+    o, r = outputs[i], ref_out[i]
+    detail = f"shape {tuple(o.shape)} but expected {tuple(r.shape)}" if o.shape != r.shape else \
+        f"got {o.flatten()[:4].tolist()} … expected {r.flatten()[:4].tolist()} … (max difference {_err(o, r):.3g})"
+    raise CheckFailed(f"{name} differs from the reference on {cases[i].label}: {detail}")
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _logits(n, c, scale, seed):
+    return torch.randn(n, c, generator=_gen(seed), dtype=torch.float64) * scale
+
+
+# --------------------------------------------------------------------------
+# Lab 1: soft targets
+# --------------------------------------------------------------------------
+
+def check_soft_targets(fn: Callable) -> bool:
+    """``fn(logits, T)`` must return softmax(logits / T) along the last dim."""
+    cases = [Case((_logits(4, 5, 3.0, s), T), {}, f"(4, 5) logits at T={T}") for s, T in ((0, 1.0), (1, 4.0), (2, 0.5))]
+    cases.append(Case((torch.tensor([[8.5, 7.8, 6.2, 0.1, -2.3]], dtype=torch.float64), 2.0), {}, "the seed's logits at T=2"))
+    cases.append(Case((torch.tensor([[1000.0, 0.0, -1000.0]], dtype=torch.float64), 1.0), {}, "huge logits (overflow test)"))
+    variants = {
+        "no_T": (lambda z, T: F.softmax(z, -1), "the temperature is ignored — divide the logits by T before the softmax."),
+        "times_T": (lambda z, T: F.softmax(z * T, -1), "the logits are multiplied by T; they must be *divided* by T (higher T → softer)."),
+        "log": (lambda z, T: F.log_softmax(z / T, -1), "this is log-softmax; soft targets are probabilities (use softmax)."),
+        "dim0": (lambda z, T: F.softmax(z / T, 0), "the softmax runs over the batch (dim 0); it must run over classes (dim=-1)."),
+        "naive": (lambda z, T: torch.exp(z / T) / torch.exp(z / T).sum(-1, keepdim=True),
+                  "exp overflows for large logits; subtract the row maximum first (or use torch.softmax)."),
+    }
+    return diagnose("soft_targets", fn, response.soft_targets, cases, variants)
+
+
+# --------------------------------------------------------------------------
+# Lab 1: the KD loss and its usual mistakes
+# --------------------------------------------------------------------------
+
+def _kl_rev(s, t, T):
+    log_ps, log_pt = F.log_softmax(s / T, -1), F.log_softmax(t / T, -1)
+    return (log_ps.exp() * (log_ps - log_pt)).sum(-1).mean()
+
+
+def _kl(s, t, T, reduction="batchmean"):
+    return F.kl_div(F.log_softmax(s / T, -1), F.softmax(t / T, -1), reduction=reduction)
+
+
+def _blend(soft_fn):
+    def loss(s, t, y, T=4.0, alpha=0.9):
+        return alpha * soft_fn(s, t, T) + (1 - alpha) * F.cross_entropy(s, y)
+    return loss
+
+
+KD_LOSS_VARIANTS = {
+    "no_T2": (_blend(lambda s, t, T: _kl(s, t, T)),
+              "off by a factor T² on the KL term — did you scale the soft loss by T**2? (Hinton et al. 2015, section 2)"),
+    "times_T": (_blend(lambda s, t, T: _kl(s, t, T) * T),
+                "the KL term is scaled by T; the gradient shrinks as 1/T², so the factor must be T**2."),
+    "reversed": (_blend(lambda s, t, T: _kl_rev(s, t, T) * T * T),
+                 "the KL divergence runs the wrong way: compute KL(teacher ‖ student) — F.kl_div(student_log_probs, teacher_probs)."),
+    "mean": (_blend(lambda s, t, T: _kl(s, t, T, "mean") * T * T),
+             "F.kl_div with reduction='mean' also divides by the number of classes; use reduction='batchmean'."),
+    "sum": (_blend(lambda s, t, T: _kl(s, t, T, "sum") * T * T),
+            "reduction='sum' adds over the batch; use reduction='batchmean' so the loss does not grow with batch size."),
+    "softmax_input": (_blend(lambda s, t, T: F.kl_div(F.softmax(s / T, -1), F.softmax(t / T, -1), reduction="batchmean") * T * T),
+                      "F.kl_div's first argument must be *log*-probabilities: use F.log_softmax for the student."),
+    "log_target": (_blend(lambda s, t, T: F.kl_div(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1), reduction="batchmean") * T * T),
+                   "the teacher's side is log-probabilities but F.kl_div expects probabilities (or pass log_target=True)."),
+    "T_student_only": (_blend(lambda s, t, T: F.kl_div(F.log_softmax(s / T, -1), F.softmax(t, -1), reduction="batchmean") * T * T),
+                       "the temperature is applied to the student only; divide the teacher's logits by T as well."),
+    "T_teacher_only": (_blend(lambda s, t, T: F.kl_div(F.log_softmax(s, -1), F.softmax(t / T, -1), reduction="batchmean") * T * T),
+                       "the temperature is applied to the teacher only; divide the student's logits by T as well."),
+    "alpha_swapped": (lambda s, t, y, T=4.0, alpha=0.9: (1 - alpha) * _kl(s, t, T) * T * T + alpha * F.cross_entropy(s, y),
+                      "alpha weights the wrong term: alpha multiplies the distillation term, (1 - alpha) the cross-entropy."),
+    "no_ce": (lambda s, t, y, T=4.0, alpha=0.9: alpha * _kl(s, t, T) * T * T,
+              "the hard-label term is missing: add (1 - alpha) * cross_entropy(student_logits, labels)."),
+    "ce_at_T": (lambda s, t, y, T=4.0, alpha=0.9: alpha * _kl(s, t, T) * T * T + (1 - alpha) * F.cross_entropy(s / T, y),
+                "the cross-entropy with the labels must use the raw student logits (T = 1), not logits / T."),
+}
+
+
+def check_kd_loss(fn: Callable) -> bool:
+    """``fn(student_logits, teacher_logits, labels, T=, alpha=)`` must equal
+    alpha·T²·KL(p_t^T ‖ p_s^T) + (1-alpha)·CE(student_logits, labels)."""
+    cases = []
+    for seed, (n, c, T, alpha) in enumerate([(8, 10, 4.0, 0.9), (5, 3, 2.0, 0.5), (16, 10, 8.0, 0.7), (3, 7, 1.0, 0.3)]):
+        s, t = _logits(n, c, 2.0, 10 + seed), _logits(n, c, 4.0, 20 + seed)
+        y = torch.randint(0, c, (n,), generator=_gen(30 + seed))
+        cases.append(Case((s, t, y), {"T": T, "alpha": alpha}, f"N={n}, C={c}, T={T}, alpha={alpha}"))
+    ok = diagnose("kd_loss", fn, response.kd_loss, cases, KD_LOSS_VARIANTS)
+
+    # Gradients must reach the student's logits (teacher logits arrive as
+    # constants: the trainer computes them under no_grad or from its cache).
+    s = _logits(4, 5, 2.0, 99).requires_grad_(True)
+    t = _logits(4, 5, 2.0, 98)
+    y = torch.tensor([0, 1, 2, 3])
+    out = fn(s, t, y, T=4.0, alpha=0.9)
+    if out.ndim != 0:
+        raise CheckFailed(f"kd_loss must return a scalar (0-dim tensor), got shape {tuple(out.shape)}")
+    out.backward()
+    if s.grad is None or not torch.isfinite(s.grad).all():
+        raise CheckFailed("kd_loss gives no finite gradient to student_logits — is something detached?")
+    return ok

@@ -1,0 +1,85 @@
+"""Command line: ``kdcourse <command>`` (or ``python -m kdcourse <command>``).
+
+    labgen [--check]          generate labs/ from solutions/ (or verify them)
+    strip FILE...             remove outputs (nbval-checked cells in solutions kept)
+    record FILE...            execute solutions (smoke) and store the checked outputs
+    bench lab1 [--profile P]  print the Lab 1 speed/accuracy figures
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _labgen(args) -> int:
+    from . import labgen
+
+    changed = labgen.generate_all(args.solutions, args.labs, check=args.check)
+    if args.check:
+        if changed:
+            print("stale labs (run `make labs`): " + ", ".join(changed))
+            return 1
+        print("labs are in sync with solutions")
+        return 0
+    print("wrote: " + (", ".join(changed) if changed else "nothing (already in sync)"))
+    return 0
+
+
+def _strip(args) -> int:
+    from . import labgen
+
+    for path in args.files:
+        nb = labgen.read(path)
+        keep = os.path.basename(os.path.dirname(os.path.abspath(path))) == "solutions"
+        new = labgen.strip(nb, keep_checked=keep)
+        if labgen.dumps(new) != open(path, encoding="utf-8").read():
+            labgen.write(new, path)
+            print(f"stripped {path}")
+    return 0
+
+
+def _record(args) -> int:
+    """Execute each solution in the smoke profile and keep only the outputs of
+    cells marked NBVAL_CHECK_OUTPUT (what nbval compares)."""
+    from . import labgen
+    from .notebooks import execute
+
+    for path in args.files:
+        nb = execute(path, profile="smoke", cwd=os.path.dirname(os.path.abspath(path)))
+        labgen.write(labgen.strip(nb, keep_checked=True), path)
+        print(f"recorded checked outputs of {path}")
+    return 0
+
+
+def _bench(args) -> int:
+    from . import bench
+
+    return bench.main(args.what, args.profile, args.repeats)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="kdcourse", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("labgen", help="generate labs/ from solutions/")
+    p.add_argument("--check", action="store_true", help="only verify; exit 1 when a lab is stale")
+    p.add_argument("--solutions", default="solutions")
+    p.add_argument("--labs", default="labs")
+    p.set_defaults(func=_labgen)
+    p = sub.add_parser("strip", help="remove notebook outputs")
+    p.add_argument("files", nargs="+")
+    p.set_defaults(func=_strip)
+    p = sub.add_parser("record", help="store the nbval-checked outputs of solutions")
+    p.add_argument("files", nargs="+")
+    p.set_defaults(func=_record)
+    p = sub.add_parser("bench", help="print measured speed and accuracy figures")
+    p.add_argument("what", choices=["lab1"])
+    p.add_argument("--profile", default="laptop")
+    p.add_argument("--repeats", type=int, default=3)
+    p.set_defaults(func=_bench)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

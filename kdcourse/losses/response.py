@@ -1,0 +1,141 @@
+"""Response-based distillation (Hinton, Vinyals & Dean 2015, arXiv:1503.02531).
+
+Notation: ``z_s``, ``z_t`` are student and teacher logits (N, C); ``T > 0`` is
+the temperature; ``p^T = softmax(z / T)``.
+
+* soft targets           p_i^T = exp(z_i / T) / sum_j exp(z_j / T)
+* distillation term      KL(p_t^T || p_s^T) = sum_i p_t,i^T (log p_t,i^T - log p_s,i^T)
+  averaged over the N samples (PyTorch's ``reduction="batchmean"``; plain
+  ``"mean"`` would also divide by C and is a common bug)
+* KD loss                alpha * T^2 * KL(p_t^T || p_s^T) + (1 - alpha) * CE(z_s, y)
+
+Why T^2: the gradient of the KL term with respect to a student logit is
+(p_s,i^T - p_t,i^T) / T, and for large T that is about (z_s,i - z_t,i) / (C T^2)
+(zero-mean logits). Multiplying by T^2 keeps the soft term's gradients on the
+same scale as the hard term's whatever the temperature (Hinton et al. 2015,
+section 2).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def _check_temperature(T) -> float:
+    if isinstance(T, torch.Tensor):
+        if T.numel() != 1:
+            raise ValueError(f"T must be a positive scalar, got a tensor of shape {tuple(T.shape)}")
+        T = float(T)
+    if not isinstance(T, (int, float)) or isinstance(T, bool) or not math.isfinite(T) or T <= 0:
+        raise ValueError(f"T (temperature) must be a finite number > 0, got {T!r}")
+    return float(T)
+
+
+def _check_logits(name: str, logits) -> torch.Tensor:
+    if not isinstance(logits, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor of shape (N, C), got {type(logits).__name__}")
+    if logits.ndim != 2:
+        raise ValueError(
+            f"{name} must have shape (N, C), got {tuple(logits.shape)}; "
+            f"flatten extra dimensions first, e.g. {name}.reshape(-1, {name}.shape[-1])"
+        )
+    if not logits.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {logits.dtype}")
+    return logits
+
+
+def soft_targets(logits: torch.Tensor, T: float = 1.0) -> torch.Tensor:
+    """softmax(logits / T) along the last dimension.
+
+    Args:
+        logits: (..., C) raw scores.
+        T: temperature > 0. T -> 0 gives the one-hot argmax, T -> inf uniform.
+    Returns:
+        probabilities of the same shape, each row summing to 1.
+    """
+    T = _check_temperature(T)
+    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
+        raise ValueError("logits must be a floating-point torch.Tensor of shape (..., C)")
+    return F.softmax(logits / T, dim=-1)
+
+
+def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float = 1.0) -> torch.Tensor:
+    """KL(p_t^T || p_s^T), summed over classes and averaged over the N samples.
+
+    The teacher's distribution is the target (first argument of the KL), as in
+    Hinton et al.; minimising it over the student is cross-entropy with soft
+    targets minus the (constant) teacher entropy.
+
+    Args:
+        student_logits, teacher_logits: (N, C).
+        T: temperature > 0 applied to *both* sides.
+    Returns:
+        scalar tensor (>= 0).
+    """
+    T = _check_temperature(T)
+    _check_logits("student_logits", student_logits)
+    _check_logits("teacher_logits", teacher_logits)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student_logits {tuple(student_logits.shape)} and teacher_logits "
+            f"{tuple(teacher_logits.shape)} must have the same shape (N, C)"
+        )
+    log_p_s = F.log_softmax(student_logits / T, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits / T, dim=-1)
+    # F.kl_div(input=log q, target=log p, log_target=True) = sum p (log p - log q)
+    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    T: float = 4.0,
+    alpha: float = 0.9,
+) -> torch.Tensor:
+    """Hinton's distillation loss.
+
+        loss = alpha * T^2 * KL(softmax(z_t/T) || softmax(z_s/T))
+               + (1 - alpha) * CE(z_s, labels)
+
+    Args:
+        student_logits: (N, C) student scores (gradients flow through these).
+        teacher_logits: (N, C) teacher scores (treated as constants).
+        labels: (N,) int64 class indices, or ``None`` for pure distillation
+            (then ``alpha`` must be 1).
+        T: temperature > 0 (Hinton et al. used 1-20; 2-8 is typical).
+        alpha: weight of the distillation term, in [0, 1].
+    Returns:
+        scalar tensor.
+    """
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
+    soft = kl_divergence(student_logits, teacher_logits.detach(), T) * (_check_temperature(T) ** 2)
+    if labels is None:
+        if alpha != 1.0:
+            raise ValueError("labels=None needs alpha=1 (there is no hard-label term to blend)")
+        return soft
+    if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32):
+        raise ValueError("labels must be an int64 tensor of class indices, shape (N,)")
+    if labels.shape != student_logits.shape[:1]:
+        raise ValueError(f"labels must have shape ({student_logits.shape[0]},), got {tuple(labels.shape)}")
+    hard = F.cross_entropy(student_logits, labels.long())
+    return alpha * soft + (1.0 - alpha) * hard
+
+
+def entropy_bits(probs: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy in bits along the last dimension, with 0 log 0 = 0.
+
+    Args:
+        probs: (..., C) probabilities (rows sum to 1).
+    Returns:
+        (...) entropies; a uniform distribution over C classes gives log2(C).
+    """
+    if not isinstance(probs, torch.Tensor):
+        probs = torch.as_tensor(probs, dtype=torch.float64)
+    if (probs < 0).any():
+        raise ValueError("probs must be non-negative (did you pass logits? apply softmax first)")
+    logp = torch.where(probs > 0, torch.log2(probs.clamp_min(torch.finfo(probs.dtype).tiny)), torch.zeros_like(probs))
+    return -(probs * logp).sum(-1)

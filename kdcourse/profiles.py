@@ -1,0 +1,124 @@
+"""Run profiles: one name turns into data sizes, model sizes and epochs.
+
+Three profiles exist:
+
+========  ==============================  ==========================================
+name      for                             data
+========  ==============================  ==========================================
+smoke     CI, papermill, nbval            offline shapes, a few hundred images
+laptop    students on any CPU (default)   offline shapes, a few thousand images
+full      one GPU, about an hour a lab    CIFAR-10 through torchvision
+========  ==============================  ==========================================
+
+The environment variable ``KDCOURSE_PROFILE`` overrides the default, so a
+whole class or a CI job switches profile without editing a notebook::
+
+    KDCOURSE_PROFILE=smoke jupyter lab
+
+A notebook passes its ``PROFILE`` parameter (``None`` means "use the
+environment variable, else ``laptop``") to :func:`get_profile`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+ENV_VAR = "KDCOURSE_PROFILE"
+DEFAULT = "laptop"
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Everything a lab needs to know about how big to run."""
+
+    name: str
+    dataset: str  # "shapes" (offline generator) or "cifar10" (torchvision)
+    n_train: int  # training images (shapes only; CIFAR-10 has its own split)
+    n_val: int  # validation images, used for selection and early stopping
+    n_test: int  # test images, reported once at the end of each run
+    teacher: dict  # model spec for the cached teacher (see models.build)
+    student: dict  # model spec for the default student
+    teacher_epochs: int  # epochs to train the teacher (trained once, cached)
+    student_epochs: int  # epochs for every student run in the labs
+    batch_size: int
+    lr: float  # Adam learning rate for students
+    teacher_lr: float  # Adam learning rate for teachers
+    seeds: tuple = (0, 1, 2)  # seeds for mean +- std tables
+    augment_teacher: bool = True  # random shifts/flips while training the teacher
+    augment_student: bool = False  # False lets KD reuse cached teacher logits
+    extra: dict = field(default_factory=dict)  # lab-specific knobs
+
+    def replace(self, **changes) -> "Profile":
+        """A copy with some fields changed (profiles are immutable)."""
+        return dataclasses.replace(self, **changes)
+
+
+PROFILES: dict[str, Profile] = {
+    "smoke": Profile(
+        name="smoke",
+        dataset="shapes",
+        n_train=384,
+        n_val=128,
+        n_test=256,
+        teacher={"arch": "resnet", "depth": 8, "width": 8},
+        student={"arch": "cnn", "widths": (4, 8, 16)},
+        teacher_epochs=2,
+        student_epochs=2,
+        batch_size=128,
+        lr=3e-3,
+        teacher_lr=3e-3,
+        seeds=(0, 1),
+    ),
+    "laptop": Profile(
+        name="laptop",
+        dataset="shapes",
+        n_train=4000,
+        n_val=1000,
+        n_test=2000,
+        teacher={"arch": "resnet", "depth": 14, "width": 16},
+        student={"arch": "cnn", "widths": (8, 16, 32)},
+        teacher_epochs=30,
+        student_epochs=20,
+        batch_size=128,
+        lr=3e-3,
+        teacher_lr=2e-3,
+        seeds=(0, 1, 2),
+    ),
+    "full": Profile(
+        name="full",
+        dataset="cifar10",
+        n_train=50000,
+        n_val=5000,
+        n_test=10000,
+        teacher={"arch": "resnet", "depth": 20, "width": 32},
+        student={"arch": "cnn", "widths": (16, 32, 64)},
+        teacher_epochs=60,
+        student_epochs=30,
+        batch_size=256,
+        lr=2e-3,
+        teacher_lr=2e-3,
+        seeds=(0, 1, 2),
+        augment_student=True,
+    ),
+}
+
+
+def get_profile(name: str | None = None, **overrides) -> Profile:
+    """Return the profile called ``name``.
+
+    ``name=None`` reads ``$KDCOURSE_PROFILE`` and falls back to ``"laptop"``.
+    Keyword arguments replace fields, e.g. ``get_profile("smoke", seeds=(0,))``.
+    """
+    if name is None:
+        name = os.environ.get(ENV_VAR) or DEFAULT
+    if not isinstance(name, str) or name.lower() not in PROFILES:
+        raise ValueError(
+            f"profile={name!r} is not known; use one of {sorted(PROFILES)} "
+            f"(or set {ENV_VAR} to one of them)"
+        )
+    profile = PROFILES[name.lower()]
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(Profile)}
+    if unknown:
+        raise ValueError(f"get_profile got unknown override(s) {sorted(unknown)}")
+    return profile.replace(**overrides) if overrides else profile

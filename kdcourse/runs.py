@@ -1,0 +1,140 @@
+"""Seeded runs and honest summaries (mean +- std over seeds, last epoch).
+
+    runs = repeat("KD T=4", seeds=(0, 1, 2), build=profile.student, data=data,
+                  objective=lambda: Distill(teacher, T=4), epochs=20, lr=3e-3)
+    summarize(runs)   # Summary(name='KD T=4', mean=0.87, std=0.004, n=3, ...)
+
+Every figure is the test accuracy of the model as it is after its **last**
+epoch: no epoch is picked by looking at the test set.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch.nn as nn
+
+from . import models, runtime
+from .data import ImageData, Split
+from .train import History, Objective, evaluate, fit
+
+
+@dataclass
+class Run:
+    name: str
+    seed: int
+    test_acc: float  # after the last epoch
+    val_acc: float | None
+    params: int
+    seconds: float
+    history: History = field(repr=False)
+    model: nn.Module | None = field(default=None, repr=False)
+
+
+def train_run(
+    name: str,
+    build: dict | Callable[[], nn.Module],
+    data: ImageData,
+    objective: Callable[[], Objective] | None = None,
+    *,
+    epochs: int,
+    lr: float,
+    seed: int = 0,
+    batch_size: int = 128,
+    weight_decay: float = 0.0,
+    train: Split | None = None,
+    keep_model: bool = False,
+    progress: bool = True,
+) -> Run:
+    """Seed, build a fresh model, fit it, and measure it on ``data.test``.
+
+    ``build`` is a model spec (see :func:`kdcourse.models.build`) or a
+    zero-argument function returning a model; ``objective`` a zero-argument
+    function returning a fresh objective (``None``: cross-entropy).
+    ``train`` replaces ``data.train`` (e.g. a transfer set missing a class).
+    """
+    runtime.seed_everything(seed)
+    model = models.build(build, data.num_classes) if isinstance(build, dict) else build()
+    obj = objective() if objective is not None else None
+    t0 = time.perf_counter()
+    hist = fit(model, train if train is not None else data.train, obj, epochs=epochs, lr=lr, batch_size=batch_size,
+               weight_decay=weight_decay, val=data.val, seed=seed, progress=progress, desc=f"{name} s{seed}")
+    seconds = time.perf_counter() - t0
+    predict = (lambda m, x: obj.predict(m, x)) if obj is not None else None
+    test_acc = evaluate(model, data.test, predict=predict)["acc"]
+    return Run(name, seed, test_acc, hist.last("val_acc"), models.count_params(model), seconds, hist,
+               model if keep_model else None)
+
+
+def repeat(name: str, seeds: Sequence[int], **kwargs) -> list[Run]:
+    """:func:`train_run` once per seed."""
+    return [train_run(name, seed=s, **kwargs) for s in seeds]
+
+
+@dataclass
+class Summary:
+    name: str
+    mean: float
+    std: float  # sample standard deviation over seeds (0 for one run)
+    n: int
+    values: tuple
+    params: int | None = None
+
+    def __str__(self) -> str:
+        return f"{100 * self.mean:.2f} ± {100 * self.std:.2f} % (n={self.n})"
+
+
+def summarize(runs: Sequence[Run], name: str | None = None) -> Summary:
+    """Mean and sample std of the runs' test accuracy."""
+    if not runs:
+        raise ValueError("runs is empty: train at least one run before summarizing")
+    vals = tuple(r.test_acc for r in runs)
+    std = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return Summary(name or runs[0].name, statistics.fmean(vals), std, len(vals), vals, runs[0].params)
+
+
+def gap_in_std(better: Summary, worse: Summary) -> float:
+    """(mean difference) / (pooled sample std). ``inf`` when both stds are 0
+    and the means differ; 0 when nothing differs."""
+    diff = better.mean - worse.mean
+    pooled = math.sqrt((better.std ** 2 + worse.std ** 2) / 2)
+    if pooled == 0:
+        return 0.0 if diff == 0 else math.copysign(math.inf, diff)
+    return diff / pooled
+
+
+def welch_t(a: Summary, b: Summary) -> tuple[float, float]:
+    """Welch's t statistic for mean(a) - mean(b) and its degrees of freedom."""
+    va, vb = a.std ** 2 / a.n, b.std ** 2 / b.n
+    if va + vb == 0:
+        return (0.0 if a.mean == b.mean else math.copysign(math.inf, a.mean - b.mean)), float(a.n + b.n - 2)
+    t = (a.mean - b.mean) / math.sqrt(va + vb)
+    denom = (va ** 2 / (a.n - 1) if a.n > 1 else 0) + (vb ** 2 / (b.n - 1) if b.n > 1 else 0)
+    dof = (va + vb) ** 2 / denom if denom else float(a.n + b.n - 2)
+    return t, dof
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
+    """A Markdown table from dicts (floats shown with 4 significant digits)."""
+    if not rows:
+        return ""
+    columns = list(columns or rows[0].keys())
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def show_table(rows: Sequence[dict], columns: Sequence[str] | None = None):
+    """Display a table in a notebook (Markdown), or print it elsewhere."""
+    text = markdown_table(rows, columns)
+    try:
+        from IPython.display import Markdown, display
+
+        display(Markdown(text))
+    except ImportError:  # pragma: no cover - IPython is a dependency
+        print(text)
+    return text

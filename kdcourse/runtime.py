@@ -1,0 +1,38 @@
+"""The one place that chooses the device and seeds the random generators.
+
+A GPU is used when present (``KDCOURSE_DEVICE`` can force ``cpu``); nothing in
+the course requires one.
+"""
+from __future__ import annotations
+
+import os
+import random
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+
+@lru_cache(maxsize=None)
+def device() -> torch.device:
+    """CUDA when available (or ``$KDCOURSE_DEVICE``), else CPU. Chosen once."""
+    forced = os.environ.get("KDCOURSE_DEVICE")
+    if forced:
+        return torch.device(forced)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch; return a fresh CPU generator for shuffling.
+
+    Called explicitly at the start of every run (never on import), so one run
+    with the same seed gives the same numbers on the same machine.
+    """
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    gen = torch.Generator()
+    gen.manual_seed(seed)
+    return gen

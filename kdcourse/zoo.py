@@ -1,0 +1,204 @@
+"""Teachers trained once and cached on disk.
+
+    teacher, info = zoo.teacher(profile, data)               # the profile's teacher
+    teacher, info = zoo.teacher(profile, data, "overfit", seed=1)
+
+A cache file is keyed by a hash of everything that determines the weights:
+the recipe (architecture, epochs, lr, augmentation, seed, ...), a
+fingerprint of the training data and the file format. Files are written
+atomically (temporary file + rename) with a SHA-256 checksum in front of the
+payload; a truncated, corrupt or mismatched file is reported, removed and
+rebuilt. The cache folder is ``$KDCOURSE_CACHE`` or ``~/.cache/kdcourse``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from . import models, runtime
+from .data import ImageData
+from .train import evaluate, fit, freeze
+
+FORMAT = 1
+MAGIC = b"kdcourse-cache-v1\n"
+
+
+def cache_dir() -> str:
+    return os.environ.get("KDCOURSE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "kdcourse")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a teacher is trained; every field enters the cache key."""
+
+    spec: tuple  # model spec as sorted (key, value) pairs (hashable)
+    epochs: int
+    lr: float
+    weight_decay: float = 5e-4
+    augment: bool = True
+    seed: int = 0
+    n_train: int | None = None  # train on the first n samples only (None: all)
+    batch_size: int = 128
+    label: str = "main"
+
+    @property
+    def model_spec(self) -> dict:
+        return {k: (tuple(v) if isinstance(v, list) else v) for k, v in self.spec}
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True, default=str)
+
+
+def _spec_tuple(spec: dict) -> tuple:
+    return tuple(sorted((k, tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in spec.items()))
+
+
+def recipe(profile, variant: str = "main", seed: int = 0) -> Recipe:
+    """The recipe for a named teacher variant of ``profile``.
+
+    * ``main``: the profile's teacher, trained with augmentation and weight decay.
+    * ``overfit``: the same architecture on the first quarter of the training
+      set, no augmentation, no weight decay, many epochs: it memorises its
+      data and becomes over-confident (the seed's "overfitted teacher").
+    * ``small``: a smaller ResNet (for ensembles and size sweeps).
+    """
+    if variant == "main":
+        return Recipe(_spec_tuple(profile.teacher), profile.teacher_epochs, profile.teacher_lr, seed=seed,
+                      augment=profile.augment_teacher, label=variant)
+    if variant == "overfit":
+        return Recipe(_spec_tuple(profile.teacher), profile.teacher_epochs, profile.teacher_lr, weight_decay=0.0,
+                      augment=False, seed=seed, n_train=max(64, profile.n_train // 4), label=variant)
+    if variant == "small":
+        spec = dict(profile.teacher, depth=8)
+        return Recipe(_spec_tuple(spec), max(1, profile.teacher_epochs // 2), profile.teacher_lr, seed=seed,
+                      augment=profile.augment_teacher, label=variant)
+    raise ValueError(f"variant={variant!r} is not known; use 'main', 'overfit' or 'small'")
+
+
+def data_fingerprint(data: ImageData) -> str:
+    """A short hash of the training split (labels and a sample of pixels)."""
+    h = hashlib.sha256()
+    h.update(data.name.encode())
+    h.update(str(tuple(data.train.images.shape)).encode())
+    h.update(data.train.labels.numpy().tobytes())
+    h.update(data.train.images[:64].contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def cache_key(rec: Recipe, data: ImageData) -> str:
+    payload = f"{FORMAT}|{rec.to_json()}|{data_fingerprint(data)}"
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+def cache_path(rec: Recipe, data: ImageData, directory: str | None = None) -> str:
+    return os.path.join(directory or cache_dir(), f"teacher-{rec.label}-{cache_key(rec, data)}.pt")
+
+
+# --------------------------------------------------------------------------
+# Atomic, checksummed files
+# --------------------------------------------------------------------------
+
+def save_atomic(obj, path: str) -> None:
+    """``torch.save`` ``obj`` to ``path`` atomically, with a checksum header."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    payload = buf.getvalue()
+    digest = hashlib.sha256(payload).hexdigest().encode()
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pt")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(MAGIC + digest + b"\n" + payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+class CorruptCache(ValueError):
+    pass
+
+
+def load_checked(path: str):
+    """Load a file written by :func:`save_atomic`; raise :class:`CorruptCache`
+    if the header or checksum does not match."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    if not raw.startswith(MAGIC):
+        raise CorruptCache(f"{path}: not a kdcourse cache file (bad header)")
+    rest = raw[len(MAGIC):]
+    digest, sep, payload = rest.partition(b"\n")
+    if not sep or hashlib.sha256(payload).hexdigest().encode() != digest:
+        raise CorruptCache(f"{path}: checksum mismatch (truncated or corrupted file)")
+    return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+
+
+# --------------------------------------------------------------------------
+# Teachers
+# --------------------------------------------------------------------------
+
+def train_teacher(rec: Recipe, data: ImageData, progress: bool = True) -> tuple[nn.Module, dict]:
+    """Train a teacher from its recipe (no cache involved)."""
+    runtime.seed_everything(rec.seed)
+    model = models.build(rec.model_spec, data.num_classes)
+    train = data.train
+    if rec.n_train is not None:
+        train = train.subset(torch.arange(min(rec.n_train, len(train))))
+    train = train.with_augment(rec.augment)
+    t0 = time.perf_counter()
+    hist = fit(model, train, epochs=rec.epochs, lr=rec.lr, weight_decay=rec.weight_decay, batch_size=rec.batch_size,
+               seed=rec.seed, progress=progress, desc=f"teacher:{rec.label}")
+    info = {
+        "label": rec.label,
+        "arch": models.describe(rec.model_spec),
+        "params": models.count_params(model),
+        "train_seconds": time.perf_counter() - t0,
+        "train_acc": evaluate(model, train.with_augment(False))["acc"],
+        "val_acc": evaluate(model, data.val)["acc"],
+        "test_acc": evaluate(model, data.test)["acc"],
+        "epochs": rec.epochs,
+        "final_loss": hist.last("loss"),
+    }
+    return model, info
+
+
+def teacher(profile, data: ImageData, variant: str = "main", seed: int = 0, directory: str | None = None,
+            progress: bool = True, rebuild: bool = False) -> tuple[nn.Module, dict]:
+    """Load the cached teacher for ``profile`` (train and cache it if missing).
+
+    Returns the frozen model (eval mode, on the course device) and an info
+    dict (architecture, parameters, accuracies, training time, cache path,
+    whether it came from the cache).
+    """
+    rec = recipe(profile, variant, seed)
+    path = cache_path(rec, data, directory)
+    model = models.build(rec.model_spec, data.num_classes)
+    if os.path.exists(path) and not rebuild:
+        try:
+            blob = load_checked(path)
+            if blob.get("key") != cache_key(rec, data):
+                raise CorruptCache(f"{path}: key mismatch")
+            model.load_state_dict(blob["state_dict"])
+            info = dict(blob["info"], cache_path=path, from_cache=True)
+            return freeze(model.to(runtime.device())), info
+        except Exception as exc:  # corrupt, truncated, or from an incompatible version
+            warnings.warn(f"teacher cache {path} is unusable ({exc}); rebuilding it", stacklevel=2)
+            os.remove(path)
+    model, info = train_teacher(rec, data, progress=progress)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    save_atomic({"key": cache_key(rec, data), "recipe": rec.to_json(), "info": info, "state_dict": state}, path)
+    return freeze(model), dict(info, cache_path=path, from_cache=False)

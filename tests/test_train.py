@@ -1,0 +1,170 @@
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from kdcourse import data as D
+from kdcourse import models, runs
+from kdcourse.train import Distill, Objective, StepOutput, evaluate, fit, freeze, predict_logits
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return D.shapes(96, 32, 32, seed=3)
+
+
+def test_models_shapes_and_features():
+    x = torch.randn(2, 3, 32, 32)
+    for spec in ({"arch": "resnet", "depth": 8, "width": 4}, {"arch": "cnn", "widths": (4, 8, 16)}):
+        m = models.build(spec)
+        logits, feats = m(x, return_features=True)
+        assert logits.shape == (2, 10)
+        assert set(feats) == set(models.FEATURE_NAMES)
+        for name, c in m.feature_channels.items():
+            assert feats[name].shape[1] == c
+    with pytest.raises(ValueError, match="depth"):
+        models.ResNet(depth=10)
+    with pytest.raises(ValueError, match="arch"):
+        models.build({"arch": "vit"})
+
+
+def test_overfits_one_batch(tiny):
+    one = tiny.train.subset(torch.arange(32))
+    torch.manual_seed(0)
+    model = models.build({"arch": "cnn", "widths": (8, 16, 32)})
+    hist = fit(model, one, epochs=60, lr=1e-2, batch_size=32, progress=False, lr_schedule="constant")
+    assert evaluate(model, one)["acc"] == 1.0
+    assert hist.series("loss")[-1] < 0.1 * hist.series("loss")[0]
+
+
+def test_same_seed_same_metrics(tiny):
+    kw = dict(build={"arch": "cnn", "widths": (4, 8, 8)}, data=tiny, epochs=2, lr=3e-3, progress=False)
+    a, b = runs.train_run("a", seed=1, **kw), runs.train_run("b", seed=1, **kw)
+    c = runs.train_run("c", seed=2, **kw)
+    assert a.test_acc == b.test_acc and a.history.series("loss") == b.history.series("loss")
+    assert a.history.series("loss") != c.history.series("loss")
+
+
+def test_teacher_stays_frozen_and_in_eval(tiny):
+    teacher = models.build({"arch": "resnet", "depth": 8, "width": 4})
+    teacher.train()  # Distill must put it in eval mode and freeze it
+    before = copy.deepcopy(teacher.state_dict())
+    student = models.build({"arch": "cnn", "widths": (4, 8, 8)})
+    obj = Distill(teacher, T=4, alpha=0.9, cache=False)
+    fit(student, tiny.train.with_augment(True), obj, epochs=2, lr=1e-2, progress=False)
+    assert not teacher.training
+    assert all(not p.requires_grad for p in teacher.parameters())
+    after = teacher.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BN running stats too
+    assert not any(p is q for p in obj.parameters() for q in teacher.parameters())
+
+
+def test_teacher_put_back_in_train_mode_is_caught(tiny):
+    teacher = models.build({"arch": "resnet", "depth": 8, "width": 4})
+    obj = Distill(teacher, cache=False)
+    teacher.train()
+    with pytest.raises(RuntimeError, match="eval"):
+        fit(models.build({"arch": "cnn", "widths": (4, 4, 4)}), tiny.train, obj, epochs=1, progress=False)
+
+
+def test_unfrozen_teacher_pitfall_changes_teacher(tiny):
+    teacher = models.build({"arch": "resnet", "depth": 8, "width": 4})
+    before = [p.detach().clone() for p in teacher.parameters()]
+    fit(models.build({"arch": "cnn", "widths": (4, 4, 4)}), tiny.train, Distill(teacher, frozen=False),
+        epochs=1, lr=1e-2, progress=False)
+    assert any(not torch.equal(b, p) for b, p in zip(before, teacher.parameters()))
+
+
+def test_cached_teacher_logits_aligned_with_shuffled_batches(tiny):
+    teacher = freeze(models.build({"arch": "resnet", "depth": 8, "width": 4}))
+    obj = Distill(teacher)
+    obj.setup(None, tiny.train)
+    assert obj._cached is not None
+    live = Distill(teacher, cache=False)
+    live.setup(None, tiny.train)
+    assert live._cached is None
+    for b in tiny.train.batches(10, shuffle=True, generator=torch.Generator().manual_seed(0)):
+        assert torch.allclose(obj.teacher_logits(b), live.teacher_logits(b), atol=1e-5)
+
+
+def test_no_cache_with_augmentation(tiny):
+    teacher = freeze(models.build({"arch": "resnet", "depth": 8, "width": 4}))
+    obj = Distill(teacher)
+    obj.setup(None, tiny.train.with_augment(True))
+    assert obj._cached is None
+    with pytest.raises(ValueError, match="augment"):
+        Distill(teacher, cache=True).setup(None, tiny.train.with_augment(True))
+
+
+def test_kd_equals_scratch_when_alpha_zero(tiny):
+    teacher = freeze(models.build({"arch": "resnet", "depth": 8, "width": 4}))
+    kw = dict(build={"arch": "cnn", "widths": (4, 8, 8)}, data=tiny, epochs=2, lr=3e-3, progress=False)
+    a = runs.train_run("ce", seed=0, **kw)
+    b = runs.train_run("kd0", seed=0, objective=lambda: Distill(teacher, alpha=0.0), **kw)
+    assert a.history.series("loss") == pytest.approx(b.history.series("loss"), rel=1e-5)
+
+
+def test_schedules_are_called_with_progress(tiny):
+    seen = []
+    teacher = freeze(models.build({"arch": "resnet", "depth": 8, "width": 4}))
+
+    def T(progress):
+        seen.append(progress)
+        return 1 + 3 * progress
+
+    hist = fit(models.build({"arch": "cnn", "widths": (4, 4, 4)}), tiny.train, Distill(teacher, T=T),
+               epochs=2, batch_size=32, progress=False)
+    assert seen[0] == 0.0 and 0.5 <= seen[-1] < 1.0 and seen == sorted(seen)
+    assert hist[0]["T"] < hist[1]["T"]
+
+
+def test_nan_loss_stops_with_clear_error(tiny):
+    class Bad(Objective):
+        def forward(self, model, batch, state):
+            out = model(batch.x)
+            return StepOutput(out.sum() * float("nan"), out)
+
+    with pytest.raises(FloatingPointError, match="epoch 1, step 1"):
+        fit(models.build({"arch": "cnn", "widths": (4, 4, 4)}), tiny.train, Bad(), epochs=1, progress=False)
+
+
+def test_bad_fit_arguments(tiny):
+    m = models.build({"arch": "cnn", "widths": (4, 4, 4)})
+    with pytest.raises(ValueError, match="epochs"):
+        fit(m, tiny.train, epochs=0)
+    with pytest.raises(ValueError, match="lr"):
+        fit(m, tiny.train, epochs=1, lr=-1)
+
+
+def test_objective_parameters_are_trained(tiny):
+    class WithParam(Objective):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(()))
+
+        def forward(self, model, batch, state):
+            logits = model(batch.x) * self.scale
+            return StepOutput(nn.functional.cross_entropy(logits, batch.labels), logits)
+
+    obj = WithParam()
+    fit(models.build({"arch": "cnn", "widths": (4, 4, 4)}), tiny.train, obj, epochs=1, lr=1e-2, progress=False)
+    assert float(obj.scale) != 1.0
+
+
+def test_predict_logits_in_order(tiny):
+    m = models.build({"arch": "cnn", "widths": (4, 4, 4)}).eval()
+    with torch.no_grad():
+        direct = m(tiny.test.images)
+    assert torch.allclose(predict_logits(m, tiny.test, batch_size=7), direct, atol=1e-5)
+
+
+def test_summaries():
+    mk = lambda name, accs: [runs.Run(name, i, a, None, 1, 0.0, None) for i, a in enumerate(accs)]  # noqa: E731
+    a, b = runs.summarize(mk("a", [0.9, 0.92, 0.91])), runs.summarize(mk("b", [0.8, 0.82, 0.81]))
+    assert a.mean == pytest.approx(0.91) and a.std == pytest.approx(0.01)
+    assert runs.gap_in_std(a, b) == pytest.approx(10.0)
+    t, dof = runs.welch_t(a, b)
+    assert t == pytest.approx(0.1 / (0.01 * (2 / 3) ** 0.5)) and dof == pytest.approx(4.0)
+    with pytest.raises(ValueError, match="empty"):
+        runs.summarize([])
