@@ -3,7 +3,9 @@
     labgen [--check]          generate labs/ from solutions/ (or verify them)
     strip FILE...             remove outputs (nbval-checked cells in solutions kept)
     record FILE...            execute solutions (smoke) and store the checked outputs
-    bench lab1 [--profile P]  print the Lab 1 speed/accuracy figures
+    bench labN [--profile P]  print a lab's measured speed/accuracy figures
+    grade LAB SUBMISSIONS     grade a folder of student notebooks (kdcourse.grading)
+    report [--profile P]      run every solution, write the course report (kdcourse.report)
 """
 from __future__ import annotations
 
@@ -53,9 +55,18 @@ def _record(args) -> int:
 
 
 def _bench(args) -> int:
-    from . import bench
+    import importlib
 
-    return bench.main(args.what, args.profile, args.repeats)
+    module = importlib.import_module(f"kdcourse.benchmarks.{args.what}")
+    return module.main(profile=args.profile, repeats=args.repeats)
+
+
+def _delegate(module_name: str):
+    """Subcommands whose parser and body live in their own module
+    (``add_arguments(parser)`` and ``main(args)``)."""
+    import importlib
+
+    return importlib.import_module(f"kdcourse.{module_name}")
 
 
 def main(argv=None) -> int:
@@ -73,10 +84,20 @@ def main(argv=None) -> int:
     p.add_argument("files", nargs="+")
     p.set_defaults(func=_record)
     p = sub.add_parser("bench", help="print measured speed and accuracy figures")
-    p.add_argument("what", choices=["lab1"])
+    p.add_argument("what", help="lab1, lab2, ... (a module in kdcourse/benchmarks)")
     p.add_argument("--profile", default="laptop")
     p.add_argument("--repeats", type=int, default=3)
     p.set_defaults(func=_bench)
+    for name, module_name, help_text in (("grade", "grading", "grade student notebooks"),
+                                         ("report", "report", "run all solutions and write the course report")):
+        p = sub.add_parser(name, help=help_text)
+        try:
+            mod = _delegate(module_name)
+        except ImportError:
+            p.set_defaults(func=lambda a, n=name: print(f"'{n}' is not available in this version") or 2)
+            continue
+        mod.add_arguments(p)
+        p.set_defaults(func=mod.main)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -34,7 +34,8 @@ class Profile:
 
     name: str
     dataset: str  # "shapes" (offline generator) or "cifar10" (torchvision)
-    n_train: int  # training images (shapes only; CIFAR-10 has its own split)
+    n_train: int  # the students' labelled training images (shapes only)
+    n_teacher_train: int  # the teacher's training images (a superset of the students')
     n_val: int  # validation images, used for selection and early stopping
     n_test: int  # test images, reported once at the end of each run
     teacher: dict  # model spec for the cached teacher (see models.build)
@@ -59,6 +60,7 @@ PROFILES: dict[str, Profile] = {
         name="smoke",
         dataset="shapes",
         n_train=384,
+        n_teacher_train=768,
         n_val=128,
         n_test=256,
         teacher={"arch": "resnet", "depth": 8, "width": 8},
@@ -74,6 +76,7 @@ PROFILES: dict[str, Profile] = {
         name="laptop",
         dataset="shapes",
         n_train=4000,
+        n_teacher_train=16000,
         n_val=1000,
         n_test=2000,
         teacher={"arch": "resnet", "depth": 14, "width": 16},
@@ -88,7 +91,8 @@ PROFILES: dict[str, Profile] = {
     "full": Profile(
         name="full",
         dataset="cifar10",
-        n_train=50000,
+        n_train=45000,
+        n_teacher_train=45000,
         n_val=5000,
         n_test=10000,
         teacher={"arch": "resnet", "depth": 20, "width": 32},

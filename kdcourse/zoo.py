@@ -67,9 +67,9 @@ def recipe(profile, variant: str = "main", seed: int = 0) -> Recipe:
     """The recipe for a named teacher variant of ``profile``.
 
     * ``main``: the profile's teacher, trained with augmentation and weight decay.
-    * ``overfit``: the same architecture on the first quarter of the training
-      set, no augmentation, no weight decay, many epochs: it memorises its
-      data and becomes over-confident (the seed's "overfitted teacher").
+    * ``overfit``: the same architecture on the students' training set only,
+      no augmentation, no weight decay: it memorises its data and becomes
+      over-confident there (the seed's "overfitted teacher").
     * ``small``: a smaller ResNet (for ensembles and size sweeps).
     """
     if variant == "main":
@@ -77,7 +77,7 @@ def recipe(profile, variant: str = "main", seed: int = 0) -> Recipe:
                       augment=profile.augment_teacher, label=variant)
     if variant == "overfit":
         return Recipe(_spec_tuple(profile.teacher), profile.teacher_epochs, profile.teacher_lr, weight_decay=0.0,
-                      augment=False, seed=seed, n_train=max(64, profile.n_train // 4), label=variant)
+                      augment=False, seed=seed, n_train=profile.n_train, label=variant)
     if variant == "small":
         spec = dict(profile.teacher, depth=8)
         return Recipe(_spec_tuple(spec), max(1, profile.teacher_epochs // 2), profile.teacher_lr, seed=seed,
@@ -86,12 +86,13 @@ def recipe(profile, variant: str = "main", seed: int = 0) -> Recipe:
 
 
 def data_fingerprint(data: ImageData) -> str:
-    """A short hash of the training split (labels and a sample of pixels)."""
+    """A short hash of the teachers' training split (labels and a sample of pixels)."""
     h = hashlib.sha256()
     h.update(data.name.encode())
-    h.update(str(tuple(data.train.images.shape)).encode())
-    h.update(data.train.labels.numpy().tobytes())
-    h.update(data.train.images[:64].contiguous().numpy().tobytes())
+    split = data.teacher_train
+    h.update(str(tuple(split.images.shape)).encode())
+    h.update(split.labels.numpy().tobytes())
+    h.update(split.images[:64].contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -155,7 +156,7 @@ def train_teacher(rec: Recipe, data: ImageData, progress: bool = True) -> tuple[
     """Train a teacher from its recipe (no cache involved)."""
     runtime.seed_everything(rec.seed)
     model = models.build(rec.model_spec, data.num_classes)
-    train = data.train
+    train = data.teacher_train
     if rec.n_train is not None:
         train = train.subset(torch.arange(min(rec.n_train, len(train))))
     train = train.with_augment(rec.augment)

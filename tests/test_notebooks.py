@@ -1,0 +1,53 @@
+"""Every solution runs in the smoke profile; every untouched lab fails only
+with NotImplementedError; nbval checks the marked outputs (see
+tests/test_nbval.py for the nbval run itself)."""
+import glob
+import os
+
+import pytest
+
+from kdcourse import labgen
+from kdcourse.notebooks import execute, run_all_allow_errors
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SOLUTIONS = sorted(glob.glob(os.path.join(ROOT, "solutions", "*.ipynb")))
+LABS = sorted(glob.glob(os.path.join(ROOT, "labs", "*.ipynb")))
+
+pytestmark = pytest.mark.notebooks
+
+
+def _env(tmp_path):
+    # A per-test cache: nothing from a student's cache, nothing left behind.
+    return {"KDCOURSE_PROFILE": "smoke", "KDCOURSE_CACHE": str(tmp_path / "cache"), "MPLBACKEND": "Agg"}
+
+
+def test_every_notebook_has_a_parameters_cell_first():
+    for path in SOLUTIONS + LABS:
+        nb = labgen.read(path)
+        code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+        assert "parameters" in code[0].get("metadata", {}).get("tags", []), f"{path}: first code cell must be tagged 'parameters'"
+        assert "PROFILE" in labgen.source(code[0])
+
+
+@pytest.mark.parametrize("path", SOLUTIONS, ids=os.path.basename)
+def test_solution_executes_in_smoke_profile(path, tmp_path):
+    nb = execute(path, profile="smoke", cwd=str(tmp_path), env=_env(tmp_path), timeout=900)
+    errors = [o for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors
+    # every code exercise is followed by a check that passed (a "✓" line)
+    text = "".join(o.get("text", "") for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "stream")
+    code_exercises = [i for i in labgen.exercise_cells(nb) if nb["cells"][i]["cell_type"] == "code"]
+    assert text.count("✓") >= len(code_exercises)
+
+
+@pytest.mark.parametrize("path", LABS, ids=os.path.basename)
+def test_untouched_lab_fails_only_at_exercises(path, tmp_path):
+    errors = run_all_allow_errors(path, cwd=str(tmp_path), env=_env(tmp_path), timeout=900)
+    nb = labgen.read(path)
+    exercises = labgen.exercise_cells(labgen.read(path.replace(os.sep + "labs" + os.sep, os.sep + "solutions" + os.sep)))
+    assert exercises, "a lab without exercises?"
+    assert errors, "an untouched lab should stop at its exercises"
+    bad = [e for e in errors if e["error"] != "NotImplementedError"]
+    assert not bad, f"cells failing with something other than NotImplementedError: {bad}"
+    assert errors[0]["index"] >= exercises[0], "the first failure must come at or after the first exercise cell"
+    assert len(nb["cells"]) == len(labgen.read(path.replace(os.sep + "labs" + os.sep, os.sep + "solutions" + os.sep))["cells"])
