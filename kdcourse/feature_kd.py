@@ -1,0 +1,301 @@
+"""Objectives for feature-, relation- and contrastive distillation (Lab 2).
+
+They plug into the one training loop (:func:`kdcourse.train.fit`) like
+:class:`~kdcourse.train.Distill`, and add terms computed on *intermediate*
+features, read from named modules by forward hooks (:mod:`kdcourse.features`)
+— no model is edited, any ``nn.Module`` works::
+
+    obj = FeatureDistill(teacher, [Term("layer2", "layer2", hint_loss, weight=100)], alpha=0.0)
+    fit(student, data.train, obj, epochs=10)
+
+    loss = (1 - alpha) * CE(z_s, y) + alpha * T^2 * KL(p_t || p_s)      (response part; alpha = 0: CE only)
+         + sum_terms weight * term.loss(student_feature, teacher_feature[, regressor])
+
+A term whose loss takes a ``regressor`` argument (FitNets' :func:`hint_loss`)
+gets a :class:`~kdcourse.losses.feature.HintRegressor` built in ``setup``
+from the measured shapes. The objective owns it, so ``fit`` optimises it
+with the student.
+
+The teacher is frozen. When the training split is not augmented, the
+teacher's logits and the features the terms need are computed once
+(pooled to the student's spatial size where the student's map is smaller —
+every loss here pools the larger map anyway) and looked up by
+``batch.index``; the cache is shared by objectives built on the same teacher
+and split (so a seed sweep pays for one teacher pass).
+"""
+from __future__ import annotations
+
+import inspect
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import features as fx
+from .data import Batch, Split
+from .losses.contrastive import CRDInfoNCE
+from .losses.feature import HintRegressor
+from .losses.response import kd_loss
+from .train import Objective, StepOutput, TrainState, freeze, scheduled
+
+# --------------------------------------------------------------------------
+# Teacher outputs, computed once per (teacher, split, layers)
+# --------------------------------------------------------------------------
+
+_MEMO: "OrderedDict[tuple, tuple]" = OrderedDict()
+_MEMO_SIZE = 4
+
+
+def clear_teacher_cache() -> None:
+    """Forget every cached teacher pass (they are also evicted LRU, 4 kept)."""
+    _MEMO.clear()
+
+
+@torch.no_grad()
+def teacher_outputs(teacher: nn.Module, split: Split, names: Sequence[str], sizes: dict | None = None,
+                    batch_size: int = 256) -> tuple[torch.Tensor, dict]:
+    """Logits (N, C) and ``{name: (N, ...)}`` features of ``teacher`` on every
+    sample of ``split`` (in order, eval mode). A 4-D feature is average-pooled
+    to ``sizes[name] = (H, W)`` when given and smaller than its own size.
+    Memoised on (teacher, split, names, sizes)."""
+    names = tuple(names)
+    sizes = dict(sizes or {})
+    key = (id(teacher), id(split.images), len(split), names, tuple(sorted(sizes.items())))
+    if key in _MEMO:
+        _MEMO.move_to_end(key)
+        return _MEMO[key][2]
+    was_training = teacher.training
+    teacher.eval()
+    dev = next(teacher.parameters()).device
+    logits, feats = [], {n: [] for n in names}
+    for b in split.batches(batch_size, device=dev):
+        out, f = fx.extract(teacher, b.x, names, detach=True)
+        logits.append(out.float().cpu())
+        for n in names:
+            v = f[n]
+            if v.ndim == 4 and n in sizes and v.shape[-2] * v.shape[-1] > sizes[n][0] * sizes[n][1]:
+                v = F.adaptive_avg_pool2d(v, sizes[n])
+            feats[n].append(v.float().cpu())
+    teacher.train(was_training)
+    result = (torch.cat(logits), {n: torch.cat(v) for n, v in feats.items()})
+    # the key holds ids: keep the objects alive with the entry so no id is reused while it exists
+    _MEMO[key] = (teacher, split.images, result)
+    while len(_MEMO) > _MEMO_SIZE:
+        _MEMO.popitem(last=False)
+    return result
+
+
+# --------------------------------------------------------------------------
+# Terms and the objective
+# --------------------------------------------------------------------------
+
+@dataclass
+class Term:
+    """One feature term: ``weight * loss(student[student_layer], teacher[teacher_layer])``.
+
+    Args:
+        student, teacher: module names (append ``":input"`` for a module's
+            input, e.g. ``"fc:input"`` = the pooled embedding).
+        loss: ``loss(s, t)``, or ``loss(s, t, regressor)`` — then a
+            :class:`HintRegressor` (1x1 conv for maps, linear for vectors) is
+            built from the measured channel counts and trained.
+        weight: a number or a schedule ``f(progress)``.
+        name: label in the training history (default: the loss's name).
+    """
+
+    student: str
+    teacher: str
+    loss: Callable
+    weight: float | Callable = 1.0
+    name: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.name or getattr(self.loss, "__name__", "feature")
+
+    @property
+    def takes_regressor(self) -> bool:
+        try:
+            return "regressor" in inspect.signature(self.loss).parameters
+        except (TypeError, ValueError):
+            return False
+
+
+def _device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def _probe(model: nn.Module, x: torch.Tensor, names: Sequence[str]) -> dict:
+    """Shapes of the named features for a tiny batch (eval mode, restored)."""
+    was = model.training
+    model.eval()
+    _, f = fx.extract(model, x, list(dict.fromkeys(names)), detach=True)
+    model.train(was)
+    return {n: tuple(v.shape[1:]) for n, v in f.items()}
+
+
+class _TeacherTaps(Objective):
+    """Shared machinery: a frozen teacher, its cached (or live) logits and
+    features, the student's features by hooks, and the response term."""
+
+    def __init__(self, teacher: nn.Module, teacher_layers: Sequence[str], T=4.0, alpha=0.0, cache="auto"):
+        super().__init__()
+        if cache not in ("auto", True, False):
+            raise ValueError(f"cache must be 'auto', True or False, got {cache!r}")
+        if not isinstance(teacher, nn.Module):
+            raise ValueError(f"teacher must be an nn.Module (features are read by hooks), got {type(teacher).__name__}")
+        object.__setattr__(self, "teacher", freeze(teacher))  # not a submodule: never optimised
+        self.teacher_layers = list(dict.fromkeys(teacher_layers))
+        self.T, self.alpha, self.cache = T, alpha, cache
+        self._logits = None
+        self._feats = None
+
+    def _setup_teacher(self, model: nn.Module, train: Split, student_layers: Sequence[str]) -> tuple[dict, dict]:
+        if self.cache is True and train.augment:
+            raise ValueError("cache=True needs a split without augmentation (augment=False)")
+        x = next(train.subset(torch.arange(min(2, len(train)))).with_augment(False).batches(2, device=_device(model))).x
+        s_shapes = _probe(model, x, student_layers)
+        t_shapes = _probe(self.teacher, x.to(_device(self.teacher)), self.teacher_layers)
+        self._logits = self._feats = None
+        if self.cache is True or (self.cache == "auto" and not train.augment):
+            sizes, conflicts = {}, set()
+            for s_name, t_name in zip(student_layers, self._pairs_teacher()):
+                if len(s_shapes[s_name]) == 3 and len(t_shapes[t_name]) == 3:
+                    if sizes.get(t_name, s_shapes[s_name][1:]) != s_shapes[s_name][1:]:
+                        conflicts.add(t_name)  # paired with student maps of two sizes: keep it whole
+                    sizes[t_name] = s_shapes[s_name][1:]
+            sizes = {k: v for k, v in sizes.items() if k not in conflicts}
+            self._logits, self._feats = teacher_outputs(self.teacher, train, self.teacher_layers, sizes)
+        return s_shapes, t_shapes
+
+    def _pairs_teacher(self) -> list[str]:  # teacher layer of each student layer, in order
+        raise NotImplementedError
+
+    def teacher_step(self, batch: Batch) -> tuple[torch.Tensor, dict]:
+        if self._feats is not None:
+            dev = batch.x.device
+            return self._logits[batch.index].to(dev), {n: v[batch.index].to(dev) for n, v in self._feats.items()}
+        if self.teacher.training:
+            raise RuntimeError("the teacher is in train mode; distillation needs teacher.eval() (kdcourse.train.freeze)")
+        with torch.no_grad():
+            return fx.extract(self.teacher, batch.x, self.teacher_layers, detach=True)
+
+    def response(self, s_logits, t_logits, labels, state: TrainState) -> tuple[torch.Tensor, dict]:
+        alpha, T = scheduled(self.alpha, state), scheduled(self.T, state)
+        if alpha == 0:
+            ce = F.cross_entropy(s_logits, labels)
+            return ce, {"ce": ce.item()}
+        loss = kd_loss(s_logits, t_logits, labels, T=T, alpha=alpha)
+        return loss, {"response": loss.item(), "T": T, "alpha": alpha}
+
+
+class FeatureDistill(_TeacherTaps):
+    """Cross-entropy (or Hinton's KD, when ``alpha > 0``) plus feature terms.
+
+    Args:
+        teacher: frozen teacher (``nn.Module``).
+        terms: :class:`Term` s (or ``(student_layer, teacher_layer, loss, weight)`` tuples).
+        T, alpha: the response part, as in :class:`~kdcourse.train.Distill`;
+            ``alpha=0`` (default) keeps only cross-entropy with the labels
+            (the setting of the published feature-KD tables).
+        cache: ``"auto"`` caches teacher outputs when the split is not augmented.
+
+    Attributes after ``setup``: ``regressors`` (``nn.ModuleDict`` "0", "1", ...
+    for terms that take one).
+    """
+
+    def __init__(self, teacher: nn.Module, terms: Sequence[Term | tuple], T=4.0, alpha=0.0, cache="auto"):
+        terms = [t if isinstance(t, Term) else Term(*t) for t in terms]
+        if not terms and alpha == 0:
+            raise ValueError("terms is empty and alpha=0: that is plain cross-entropy; pass a Term or use alpha > 0")
+        for t in terms:
+            if not callable(t.loss):
+                raise ValueError(f"Term.loss must be callable, got {type(t.loss).__name__}")
+        super().__init__(teacher, [t.teacher for t in terms], T=T, alpha=alpha, cache=cache)
+        self.terms = terms
+        self.regressors = nn.ModuleDict()
+
+    def _pairs_teacher(self):
+        return [t.teacher for t in self.terms]
+
+    @property
+    def student_layers(self) -> list[str]:
+        return list(dict.fromkeys(t.student for t in self.terms))
+
+    def setup(self, model: nn.Module, train: Split) -> None:
+        s_shapes, t_shapes = self._setup_teacher(model, train, [t.student for t in self.terms])
+        self.regressors = nn.ModuleDict()
+        for i, term in enumerate(self.terms):
+            if term.takes_regressor:
+                s, t = s_shapes[term.student], t_shapes[term.teacher]
+                kind = "conv" if len(s) == 3 else "linear"
+                self.regressors[str(i)] = HintRegressor(s[0], t[0], kind=kind).to(_device(model))
+
+    def forward(self, model: nn.Module, batch: Batch, state: TrainState) -> StepOutput:
+        t_logits, t_feats = self.teacher_step(batch)
+        names = self.student_layers
+        s_logits, s_feats = fx.extract(model, batch.x, names) if names else (model(batch.x), {})
+        loss, parts = self.response(s_logits, t_logits, batch.labels, state)
+        for i, term in enumerate(self.terms):
+            s, t = s_feats[term.student], t_feats[term.teacher]
+            value = term.loss(s, t, regressor=self.regressors[str(i)]) if str(i) in self.regressors else term.loss(s, t)
+            w = scheduled(term.weight, state)
+            loss = loss + w * value
+            parts[term.label] = parts.get(term.label, 0.0) + value.item()
+        return StepOutput(loss, s_logits, parts)
+
+
+class CRDDistill(_TeacherTaps):
+    """Cross-entropy (or KD) plus the simplified CRD term
+    (:class:`~kdcourse.losses.contrastive.CRDInfoNCE`) on one pair of
+    embeddings, with memory banks indexed by ``batch.index``.
+
+    Args:
+        teacher: frozen teacher.
+        student_layer, teacher_layer: default ``"fc:input"`` (the pooled
+            embeddings before the classifiers).
+        weight: weight of the CRD term (RepDistiller's script: 0.8).
+        dim, k, temperature, momentum: see :class:`CRDInfoNCE`.
+        T, alpha, cache: as in :class:`FeatureDistill`.
+
+    In ``setup`` the banks are sized to the training split and, when teacher
+    outputs are cached, the teacher bank starts from real teacher embeddings.
+    """
+
+    def __init__(self, teacher: nn.Module, student_layer: str = "fc:input", teacher_layer: str = "fc:input",
+                 weight=0.8, dim: int = 128, k: int = 4096, temperature: float = 0.07, momentum: float = 0.5,
+                 T=4.0, alpha=0.0, cache="auto"):
+        super().__init__(teacher, [teacher_layer], T=T, alpha=alpha, cache=cache)
+        self.student_layer, self.teacher_layer, self.weight = student_layer, teacher_layer, weight
+        self.crd_kwargs = dict(dim=dim, k=k, temperature=temperature, momentum=momentum)
+        self.crd: CRDInfoNCE | None = None
+
+    def _pairs_teacher(self):
+        return [self.teacher_layer]
+
+    def setup(self, model: nn.Module, train: Split) -> None:
+        s_shapes, t_shapes = self._setup_teacher(model, train, [self.student_layer])
+        s, t = s_shapes[self.student_layer], t_shapes[self.teacher_layer]
+        if len(s) != 1 or len(t) != 1:
+            raise ValueError(f"CRD needs (B, D) embeddings; {self.student_layer!r} gives {s} and "
+                             f"{self.teacher_layer!r} gives {t} per sample — use 'fc:input' (pooled features)")
+        self.crd = CRDInfoNCE(s[0], t[0], len(train), **self.crd_kwargs).to(_device(model))
+        if self._feats is not None:
+            self.crd.fill(self._feats[self.teacher_layer])
+
+    def forward(self, model: nn.Module, batch: Batch, state: TrainState) -> StepOutput:
+        if self.crd is None:
+            raise RuntimeError("CRDDistill.setup(model, train) must run first (fit() calls it)")
+        t_logits, t_feats = self.teacher_step(batch)
+        s_logits, s_feats = fx.extract(model, batch.x, [self.student_layer])
+        loss, parts = self.response(s_logits, t_logits, batch.labels, state)
+        value = self.crd(s_feats[self.student_layer], t_feats[self.teacher_layer], batch.index)
+        loss = loss + scheduled(self.weight, state) * value
+        parts["crd"] = value.item()
+        return StepOutput(loss, s_logits, parts)
