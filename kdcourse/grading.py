@@ -38,8 +38,8 @@ How a submission is run (and why grading lab 1 takes seconds)
 Robustness: the student's cells share one time limit (``--timeout``); a cell
 that overruns it is interrupted and the rest of the student's cells are
 skipped (checks still run); a kernel that ignores the interrupt is killed
-(its whole process group). Output beyond ``--max-output`` bytes is dropped
-and the cell producing it interrupted. Deleted, added and reordered cells,
+(its whole process group). A cell (or check) that prints more than
+``--max-output`` bytes is interrupted; outputs are counted, never kept. Deleted, added and reordered cells,
 errors and files written are recorded in the notes. Nothing outside the
 temporary folder is written except the two tables; the temporary folder is
 removed afterwards. This protects against accidents, not against a student
@@ -67,7 +67,7 @@ from . import labgen
 DEFAULT_PROFILE = "smoke"
 DEFAULT_TIMEOUT = 300.0  # seconds for all of a notebook's own cells
 DEFAULT_CHECK_TIMEOUT = 120.0  # seconds for each exercise's checks
-DEFAULT_MAX_OUTPUT = 2_000_000  # bytes of output a notebook may produce
+DEFAULT_MAX_OUTPUT = 2_000_000  # bytes of output one cell may produce
 _INTERRUPT_GRACE = 10.0  # seconds a kernel gets to stop after an interrupt
 _CHECK_CALL = re.compile(r"^(checks\.)?check_\w+$")
 
@@ -240,7 +240,8 @@ class Run:
 
 
 class _Kernel:
-    """A Python kernel whose every execution has a deadline and an output cap.
+    """A Python kernel whose every execution has a deadline and an output cap
+    (outputs are counted, never stored).
 
     ``status`` of a :class:`Run`: ``timeout`` (interrupted after its time
     limit), ``flood`` (interrupted after too much output), ``dead`` (the
@@ -253,7 +254,6 @@ class _Kernel:
         self.km.connection_file = connection_file
         self._log = open(log_path, "wb")
         self.dead_reason = ""
-        self.output_bytes = 0
         self.km.start_kernel(cwd=cwd, env=env, stdout=self._log, stderr=self._log)
         self.kc = self.km.client()
         self.kc.start_channels()
@@ -297,7 +297,7 @@ class _Kernel:
         t0 = time.monotonic()
         deadline = t0 + max(0.0, timeout)
         msg_id = self.kc.execute(code, store_history=False, allow_stdin=False, stop_on_error=False)
-        result = Run("ok")
+        result, output_bytes = Run("ok"), 0
         while True:
             left = deadline - time.monotonic()
             if left <= 0 or (result.status == "flood"):
@@ -308,7 +308,7 @@ class _Kernel:
                 except Exception:  # pragma: no cover
                     pass
                 if not self._wait_idle(msg_id, _INTERRUPT_GRACE):
-                    self._kill(f"the kernel ignored the interrupt after: {result.evalue}; it was killed")
+                    self._kill(f"the kernel ignored the interrupt ({result.evalue}) and was killed")
                     result = Run("dead", evalue=self.dead_reason)
                 break
             try:
@@ -325,12 +325,12 @@ class _Kernel:
             if kind == "status" and content.get("execution_state") == "idle":
                 break
             if kind == "stream":
-                self.output_bytes += len(content.get("text", "").encode("utf-8", "replace"))
+                output_bytes += len(content.get("text", "").encode("utf-8", "replace"))
             elif kind in ("display_data", "execute_result", "update_display_data"):
-                self.output_bytes += len(json.dumps(content.get("data", {})))
+                output_bytes += len(json.dumps(content.get("data", {})))
             elif kind == "error" and result.status == "ok":
                 result = Run("error", content.get("ename", "Error"), _short(content.get("evalue", "")))
-            if self.output_bytes > max_output and result.status != "flood":
+            if output_bytes > max_output and result.status != "flood":
                 result = Run("flood", evalue=f"output over the cap of {max_output:,} bytes; the cell was interrupted")
         self._drain_shell()
         result.seconds = time.monotonic() - t0
@@ -577,7 +577,6 @@ def grade_notebook(lab: Lab, path: str, options: Options, student: str | None = 
                     notes.append(stopped if run.status == "timeout" else f"cell {i}: {run.evalue}")
                     break
             notes[len(notes):len(notes)] = _error_notes(cell_errors)
-            kernel.output_bytes = 0  # the checks have their own output budget
             scores = []
             for e in lab.exercises:
                 hint = ""
@@ -667,7 +666,7 @@ def write_tables(lab: Lab, results: list[Result], out_dir: str, options: Options
     lines = [f"# Grades — {lab.name}", ""]
     if options is not None:
         lines += [f"Profile `{options.profile}`, time limit {options.timeout:g} s per notebook "
-                  f"(+ {options.check_timeout:g} s per exercise check), output cap {options.max_output:,} bytes"
+                  f"(+ {options.check_timeout:g} s per exercise check), output cap {options.max_output:,} bytes per cell"
                   f"{', every cell run' if options.all_cells else ', cells run up to the last exercise'}.", ""]
     lines.append("| student | " + " | ".join(f"{n} ({_num(max_pts[n])})" for n in names) + " | total | status | notes |")
     lines.append("|---|" + "---|" * len(names) + "---|---|---|")
@@ -699,7 +698,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--check-timeout", type=float, default=DEFAULT_CHECK_TIMEOUT,
                         help=f"seconds for each exercise's checks (default {DEFAULT_CHECK_TIMEOUT:g})")
     parser.add_argument("--max-output", type=int, default=DEFAULT_MAX_OUTPUT,
-                        help=f"bytes of output a notebook may print (default {DEFAULT_MAX_OUTPUT:,})")
+                        help=f"bytes of output one cell may print before it is interrupted (default {DEFAULT_MAX_OUTPUT:,})")
     parser.add_argument("--all-cells", action="store_true", help="run every cell, not only up to the last exercise")
     parser.add_argument("--skip-tag", action="append", default=[], help="skip cells with this tag (repeatable)")
     parser.add_argument("--cache", default=None,
