@@ -106,9 +106,21 @@ def _safe_unit(d: torch.Tensor, eps: float = EPS) -> torch.Tensor:
 def triplet_angles(e: torch.Tensor, eps: float = EPS) -> torch.Tensor:
     """psi_A: cos of the angle at x_j in the triangle (x_i, x_j, x_k), as a
     (B, B, B) tensor indexed [j, i, k]: < (x_i - x_j)/||.||, (x_k - x_j)/||.|| >.
-    Entries with i = j, k = j (or equal samples) are 0."""
-    u = _safe_unit(e.unsqueeze(1) - e.unsqueeze(0), eps)  # u[j, i] = unit(x_i - x_j)
-    return torch.bmm(u, u.transpose(1, 2))
+    Entries with i = j, k = j (or equal samples) are 0.
+
+    Computed from the Gram matrix G of the centred rows (angles do not change
+    under translation; centring limits cancellation):
+    <x_i - x_j, x_k - x_j> = G_ik - G_ij - G_jk + G_jj — B^3 elementwise
+    operations instead of B batched (B x D) @ (D x B) products.
+    """
+    e = e - e.mean(dim=0, keepdim=True)
+    g = e @ e.t()
+    diag = g.diagonal()
+    sq = (diag.unsqueeze(0) + diag.unsqueeze(1) - 2 * g).clamp_min(0)  # sq[j, i] = ||x_i - x_j||^2
+    pos = sq > eps
+    inv = torch.where(pos, sq.where(pos, torch.ones_like(sq)).rsqrt(), torch.zeros_like(sq))  # 1/||x_i - x_j||, 0 if equal
+    num = g.unsqueeze(0) - g.unsqueeze(2) - g.unsqueeze(1) + diag.view(-1, 1, 1)  # [j, i, k]
+    return num * inv.unsqueeze(2) * inv.unsqueeze(1)
 
 
 def rkd_angle(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
