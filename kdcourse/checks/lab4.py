@@ -1,0 +1,255 @@
+"""Lab 4 checks: the born-again loop and the mutual-learning loss.
+
+* :func:`check_born_again` runs the student's loop on a tiny problem with a
+  recording ``train`` function and says which rule it breaks (fresh network
+  per generation, teacher = the previous generation, frozen teacher, the
+  right temperature per generation, every generation returned in order).
+* :func:`check_mutual_loss` compares values with
+  :func:`kdcourse.losses.mutual.mutual_learning_loss` on 2, 3 and 4 peers,
+  names the usual mistakes, and then compares *gradients*: a loss with the
+  right value can still leak gradients between peers (targets not
+  detached) or stop them (the learner's own side detached).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import models
+from ..data import Split
+from ..losses import mutual
+from ..train import Distill, fit
+from . import Case, CheckFailed, _close, diagnose
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# --------------------------------------------------------------------------
+# The mutual-learning loss
+# --------------------------------------------------------------------------
+
+def _kl(target_logits, logits, T, reduction="batchmean"):
+    """KL(softmax(target/T) || softmax(logits/T)) (no T², no detach)."""
+    with warnings.catch_warnings():  # reduction="mean" warns; it is a deliberate wrong variant here
+        warnings.simplefilter("ignore", UserWarning)
+        return F.kl_div(F.log_softmax(logits / T, -1), F.log_softmax(target_logits / T, -1),
+                        reduction=reduction, log_target=True)
+
+
+def _dml(kl_term, ce=lambda z, y, T: F.cross_entropy(z, y), combine=None, detach=True, total=lambda ls: sum(ls)):
+    """Build a mutual loss from its pieces: ``kl_term(k, logits, T)`` is the
+    peer term of peer k (already averaged as the variant wants)."""
+    def loss(peer_logits, labels, T=1.0, alpha=0.5):
+        zs = list(peer_logits)
+        per = []
+        for k, z in enumerate(zs):
+            others = [(o.detach() if detach else o) for j, o in enumerate(zs) if j != k]
+            peer = kl_term(z, others, T)
+            hard = ce(z, labels, T)
+            per.append(combine(hard, peer, alpha) if combine else (1 - alpha) * hard + alpha * peer)
+        return total(per)
+    return loss
+
+
+_mean_kl = lambda z, others, T: sum(_kl(o, z, T) for o in others) / len(others) * T * T  # noqa: E731
+
+MUTUAL_LOSS_VARIANTS = {
+    "no_T2": (_dml(lambda z, others, T: sum(_kl(o, z, T) for o in others) / len(others)),
+              "off by a factor T² on the peer term — multiply the KL by T**2 as in the KD loss."),
+    "avg_probs_target": (_dml(lambda z, others, T: F.kl_div(
+        F.log_softmax(z / T, -1), torch.stack([F.softmax(o / T, -1) for o in others]).mean(0), reduction="batchmean") * T * T),
+        "with 3 or more peers the KL is taken against the *averaged* prediction of the others; DML averages "
+        "one KL per other peer: (1/(K-1)) Σ_{l≠k} KL(p_l ‖ p_k)."),
+    "avg_logits_target": (_dml(lambda z, others, T: _kl(torch.stack(others).mean(0), z, T) * T * T),
+                          "with 3 or more peers the KL is taken against the others' averaged *logits*; DML averages "
+                          "one KL per other peer: (1/(K-1)) Σ_{l≠k} KL(p_l ‖ p_k)."),
+    "divide_by_K": (_dml(lambda z, others, T: sum(_kl(o, z, T) for o in others) / (len(others) + 1) * T * T),
+                    "the peer term is divided by K (all peers); average over the K-1 *other* peers."),
+    "no_average": (_dml(lambda z, others, T: sum(_kl(o, z, T) for o in others) * T * T),
+                   "the KLs to the other peers are summed; average them (divide by K-1) so the peer term "
+                   "does not grow with the number of peers."),
+    "mean_over_peers": (_dml(_mean_kl, total=lambda ls: sum(ls) / len(ls)),
+                        "the peers' losses are averaged; return their *sum*, so every peer gets the gradient "
+                        "of its own full loss."),
+    "alpha_swapped": (_dml(_mean_kl, combine=lambda h, p, a: a * h + (1 - a) * p),
+                      "alpha weights the wrong term: alpha multiplies the peer (KL) term, (1 - alpha) the cross-entropy."),
+    "no_ce": (_dml(_mean_kl, combine=lambda h, p, a: a * p),
+              "the label term is missing: add (1 - alpha) * cross_entropy(z_k, labels) for every peer."),
+    "ce_at_T": (_dml(_mean_kl, ce=lambda z, y, T: F.cross_entropy(z / T, y)),
+                "the cross-entropy with the labels must use the raw logits (T = 1), not logits / T."),
+    "kl_mean_reduction": (_dml(lambda z, others, T: sum(_kl(o, z, T, "mean") for o in others) / len(others) * T * T),
+                          "F.kl_div with reduction='mean' also divides by the number of classes; use reduction='batchmean'."),
+}
+
+# Same value as the reference, different gradients.
+# (The KL direction is one of them: summed over all peers, sum_k sum_{l!=k}
+# KL(p_l || p_k) and its reverse add up the same ordered pairs.)
+MUTUAL_GRAD_VARIANTS = {
+    "reversed": (_dml(lambda z, others, T: sum(_kl(z, o, T) for o in others) / len(others) * T * T),
+                 "the KL runs the wrong way (summed over all peers its value is the same, the gradients are not): each peer k is the *student* of the others, "
+                 "so compute KL(p_other ‖ p_k) — F.kl_div(log_softmax(z_k / T), softmax(z_other / T))."),
+    "not_detached": (_dml(_mean_kl, detach=False),
+                     "gradients leak between peers: the other peers' predictions are targets and must be detached "
+                     "(z_other.detach()); otherwise peer k's loss also pulls every other peer towards peer k."),
+    "own_detached": (_dml(lambda z, others, T: _mean_kl(z.detach(), others, T)),
+                     "the learner's own logits are detached inside the KL, so the peer term trains nothing; "
+                     "detach only the *other* peers' predictions (the targets)."),
+}
+
+
+def _mutual_cases() -> list[Case]:
+    cases = []
+    for i, (k, n, c, T, alpha) in enumerate([(2, 6, 5, 1.0, 0.5), (3, 5, 4, 2.0, 0.7), (4, 4, 6, 3.0, 0.3),
+                                             (3, 8, 10, 1.0, 0.9)]):
+        g = _gen(100 + i)
+        peers = [torch.randn(n, c, generator=g, dtype=torch.float64) * (1.0 + j) for j in range(k)]
+        y = torch.randint(0, c, (n,), generator=g)
+        cases.append(Case((peers, y), {"T": T, "alpha": alpha}, f"K={k} peers, N={n}, C={c}, T={T}, alpha={alpha}"))
+    return cases
+
+
+def _peer_grads(fn, case: Case) -> list[torch.Tensor]:
+    peers = [z.clone().requires_grad_(True) for z in case.args[0]]
+    out = fn(peers, case.args[1], **case.kwargs)
+    if not isinstance(out, torch.Tensor) or out.ndim != 0:
+        raise CheckFailed(f"mutual_loss must return a scalar (0-dim tensor), got "
+                          f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
+    if not out.requires_grad:
+        raise CheckFailed("mutual_loss gives no gradient to the peers' logits — is everything detached?")
+    grads = torch.autograd.grad(out, peers, allow_unused=True)
+    return [torch.zeros_like(z) if g is None else g for z, g in zip(peers, grads)]
+
+
+def check_mutual_loss(fn: Callable) -> bool:
+    """``fn(peer_logits, labels, T=, alpha=)`` must equal
+    Σ_k [(1-alpha)·CE(z_k, y) + alpha·T²·(1/(K-1))·Σ_{l≠k} KL(p_l^T ‖ p_k^T)]
+    with the other peers detached — values *and* gradients."""
+    cases = _mutual_cases()
+    shown = io.StringIO()
+    with contextlib.redirect_stdout(shown):  # print the ✓ line only once gradients agree too
+        ok = diagnose("mutual_loss", fn, mutual.mutual_learning_loss, cases, MUTUAL_LOSS_VARIANTS)
+    for case in cases:
+        got, ref = _peer_grads(fn, case), _peer_grads(mutual.mutual_learning_loss, case)
+        if all(_close(a, b) for a, b in zip(got, ref)):
+            continue
+        for variant, hint in MUTUAL_GRAD_VARIANTS.values():
+            if all(_close(a, b) for a, b in zip(got, _peer_grads(variant, case))):
+                raise CheckFailed(f"mutual_loss has the right value but wrong gradients: {hint}")
+        worst = max(float((a - b).abs().max()) for a, b in zip(got, ref))
+        raise CheckFailed(f"mutual_loss has the right value but its gradients differ from the reference on "
+                          f"{case.label} (max difference {worst:.3g}); only the other peers' predictions "
+                          f"should be detached")
+    print(shown.getvalue().rstrip() + "\n✓ mutual_loss gradients match too: each peer's logits receive the gradient "
+          "of its own loss only")
+    return ok
+
+
+# --------------------------------------------------------------------------
+# The born-again loop
+# --------------------------------------------------------------------------
+
+class _Recorder:
+    """``new_model`` and ``train`` for the check: tiny networks, tiny data,
+    every call recorded."""
+
+    def __init__(self):
+        g = _gen(7)
+        self.split = Split(torch.randn(24, 3, 4, 4, generator=g), torch.randint(0, 3, (24,), generator=g), ("a", "b", "c"))
+        self.made: list[nn.Module] = []
+        self.calls: list[dict] = []
+
+    def new_model(self) -> nn.Module:
+        torch.manual_seed(1000 + len(self.made))
+        m = models.MLP(48, (6,), num_classes=3)
+        self.made.append(m)
+        return m
+
+    def train(self, model, objective):
+        rec = {"model": model, "objective": objective, "distill": isinstance(objective, Distill)}
+        teacher = getattr(objective, "teacher", None)
+        if isinstance(teacher, nn.Module):
+            rec["teacher"] = teacher
+            rec["before"] = {k: v.detach().clone() for k, v in teacher.state_dict().items()}
+        if not isinstance(model, nn.Module):
+            raise CheckFailed(f"train(model, objective) got a {type(model).__name__} as model; pass the network from new_model()")
+        fit(model, self.split, objective, epochs=1, lr=0.05, batch_size=8, progress=False, lr_schedule="constant")
+        if "teacher" in rec:
+            after = teacher.state_dict()
+            rec["teacher_changed"] = any(not torch.equal(rec["before"][k], after[k]) for k in rec["before"])
+            rec["teacher_trainable"] = any(p.requires_grad for p in teacher.parameters())
+        self.calls.append(rec)
+
+
+def check_born_again(fn: Callable) -> bool:
+    """``fn(new_model, train, temperatures, alpha)`` must train generation 1 on
+    labels and each generation k+1 — a fresh network — by distillation from
+    the frozen generation k at ``temperatures[k-1]``, and return every
+    generation, oldest first."""
+    temperatures, alpha = (2.0, 5.0, 3.0), 0.3
+    n_gen = len(temperatures) + 1
+    rec = _Recorder()
+    try:
+        out = fn(rec.new_model, rec.train, temperatures, alpha)
+    except NotImplementedError:
+        raise
+    except CheckFailed:
+        raise
+    except Exception as exc:
+        raise CheckFailed(f"born_again raised {type(exc).__name__}: {exc}") from exc
+
+    if not isinstance(out, (list, tuple)) or not all(isinstance(m, nn.Module) for m in out):
+        raise CheckFailed(f"born_again must return a list of the trained networks, got {type(out).__name__}")
+    trained = [c["model"] for c in rec.calls]
+    if len(rec.calls) != n_gen:
+        raise CheckFailed(f"with {len(temperatures)} temperatures there are {n_gen} generations to train "
+                          f"(generation 1 on labels, then one per temperature); train was called {len(rec.calls)} times")
+    if len(out) != n_gen:
+        hint = " — generation 1 is missing" if len(out) == n_gen - 1 and all(a is b for a, b in zip(out, trained[1:])) else ""
+        raise CheckFailed(f"return every generation, oldest first: expected {n_gen} networks, got {len(out)}{hint}")
+    for k in range(1, n_gen):
+        if any(rec.calls[k]["model"] is c["model"] for c in rec.calls[:k]):
+            raise CheckFailed(f"generation {k + 1} is an earlier generation trained further; every generation must be a "
+                              f"fresh network from new_model() (same architecture, new random weights)")
+    if any(m not in [id(x) for x in rec.made] for m in map(id, trained)):
+        raise CheckFailed("train a network made by new_model() for every generation")
+    if rec.calls[0]["distill"]:
+        raise CheckFailed("generation 1 has no teacher: train it on the labels alone (kdcourse.train.Objective())")
+    for k in range(1, n_gen):
+        call, g = rec.calls[k], k + 1
+        if not call["distill"]:
+            raise CheckFailed(f"generation {g} was trained on the labels only; distil it from generation {g - 1} "
+                              f"with Distill(teacher, T=..., alpha=...)")
+        teacher = call.get("teacher")
+        if teacher is call["model"]:
+            raise CheckFailed(f"generation {g} is its own teacher; its teacher must be generation {g - 1}")
+        if teacher is not trained[k - 1]:
+            which = next((i + 1 for i, m in enumerate(trained) if m is teacher), None)
+            if which == 1:
+                raise CheckFailed(f"generation {g} learns from generation 1; each generation must learn from the "
+                                  f"previous one (generation {g - 1}) — that is what makes them 'born again'")
+            raise CheckFailed(f"the teacher of generation {g} must be generation {g - 1} (the network trained just before)")
+        obj = call["objective"]
+        if obj.T != temperatures[k - 1]:
+            raise CheckFailed(f"generation {g} was distilled at T={obj.T:g}; each generation has its own temperature: "
+                              f"generation 2 uses temperatures[0], generation 3 temperatures[1], … "
+                              f"(here {temperatures[k - 1]:g})")
+        if obj.alpha != alpha:
+            raise CheckFailed(f"generation {g} was distilled with alpha={obj.alpha}; pass the loop's alpha ({alpha}) to Distill")
+        if not obj.frozen or call.get("teacher_changed") or call.get("teacher_trainable"):
+            raise CheckFailed(f"the teacher generation is not frozen: generation {g - 1} "
+                              f"{'changed its weights' if call.get('teacher_changed') else 'had trainable weights'} "
+                              f"while generation {g} trained. Distill(teacher) freezes it (eval mode, no gradients); "
+                              f"do not pass frozen=False")
+    if not all(a is b for a, b in zip(out, trained)):
+        raise CheckFailed("return the generations in training order (generation 1 first), each network as trained")
+    print(f"✓ born_again: {n_gen} generations, each a fresh network; generation k+1 distilled from the frozen "
+          f"generation k at T = {', '.join(f'{T:g}' for T in temperatures)}")
+    return True
