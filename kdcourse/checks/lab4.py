@@ -180,6 +180,9 @@ class _Recorder:
             rec["before"] = {k: v.detach().clone() for k, v in teacher.state_dict().items()}
         if not isinstance(model, nn.Module):
             raise CheckFailed(f"train(model, objective) got a {type(model).__name__} as model; pass the network from new_model()")
+        if teacher is model:
+            raise CheckFailed(f"generation {len(self.calls) + 1} is its own teacher (Distill(student)); "
+                              f"its teacher must be the previous generation")
         fit(model, self.split, objective, epochs=1, lr=0.05, batch_size=8, progress=False, lr_schedule="constant")
         if "teacher" in rec:
             after = teacher.state_dict()
