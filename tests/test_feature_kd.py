@@ -1,0 +1,133 @@
+"""Feature/relation/CRD objectives in the one training loop: regressors are
+owned and trained, the teacher stays frozen, cached teacher outputs equal live
+ones, and the loss is what the docstring says."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kdcourse import data, feature_kd
+from kdcourse.feature_kd import CRDDistill, FeatureDistill, Term, teacher_outputs
+from kdcourse.losses.feature import attention_transfer_loss, hint_loss
+from kdcourse.losses.relation import rkd_distance, similarity_preserving
+from kdcourse.losses.response import kd_loss
+from kdcourse.models import ResNet, SmallCNN
+from kdcourse.train import TrainState, fit
+
+
+@pytest.fixture(scope="module")
+def ds():
+    return data.shapes(n_train=64, n_val=32, n_test=32, seed=3)
+
+
+def models_():
+    torch.manual_seed(0)
+    return ResNet(8, 4).eval(), SmallCNN((4, 8, 16))
+
+
+def count_calls(model):
+    calls = {"n": 0}
+    model.register_forward_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
+    return calls
+
+
+def test_regressor_is_owned_trained_and_teacher_untouched(ds):
+    feature_kd.clear_teacher_cache()
+    teacher, student = models_()
+    before = copy.deepcopy(teacher.state_dict())
+    obj = FeatureDistill(teacher, [Term("layer2", "layer2", hint_loss, weight=10.0)])
+    fit(student, ds.train, obj, epochs=1, batch_size=32, progress=False)
+    reg = obj.regressors["0"]
+    assert (reg.proj.in_channels, reg.proj.out_channels) == (8, 8)
+    assert any(p is reg.proj.weight for p in obj.parameters())
+    w0 = reg.proj.weight.detach().clone()
+    fit(student, ds.train, obj, epochs=1, batch_size=32, progress=False)  # setup rebuilds; training moves it
+    assert not torch.equal(obj.regressors["0"].proj.weight, w0)
+    assert not teacher.training and all(not p.requires_grad for p in teacher.parameters())
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+
+
+def test_cached_teacher_is_not_run_during_training_but_live_one_is(ds):
+    feature_kd.clear_teacher_cache()
+    teacher, student = models_()
+    calls = count_calls(teacher)
+    obj = FeatureDistill(teacher, [Term("layer3", "layer3", attention_transfer_loss, 100.0)])
+    obj.setup(student, ds.train)
+    n_setup = calls["n"]
+    fit(student, ds.train, obj, epochs=2, batch_size=32, progress=False)
+    assert calls["n"] == n_setup + 1  # fit's own setup: the probe only; the outputs come from the memo
+    live = FeatureDistill(teacher, [Term("layer3", "layer3", attention_transfer_loss, 100.0)])
+    fit(student, ds.train.with_augment(True), live, epochs=1, batch_size=32, progress=False)
+    assert calls["n"] == n_setup + 1 + 1 + 2  # then: a probe, and one call per batch (2 batches)
+
+
+def test_cached_features_equal_live_features_pooled(ds):
+    feature_kd.clear_teacher_cache()
+    teacher, student = models_()
+    obj = FeatureDistill(teacher, [Term("layer1", "layer1", hint_loss), Term("fc:input", "fc:input", rkd_distance)])
+    obj.setup(student, ds.train)
+    batch = next(ds.train.batches(16, shuffle=True, generator=torch.Generator().manual_seed(1)))
+    logits, feats = obj.teacher_step(batch)
+    assert feats["layer1"].shape[-2:] == (16, 16)  # teacher 32x32 pooled to the student's 16x16
+    with torch.no_grad():
+        ref_logits, ref = teacher(batch.x, return_features=True)
+    assert torch.allclose(logits, ref_logits, atol=1e-5)
+    assert torch.allclose(feats["layer1"], F.adaptive_avg_pool2d(ref["layer1"], 16), atol=1e-5)
+    assert torch.allclose(feats["fc:input"], ref["pool"], atol=1e-5)
+    assert teacher_outputs(teacher, ds.train, ["layer1", "fc:input"], {"layer1": (16, 16)})[0] is obj._logits
+
+
+def test_loss_is_ce_plus_weighted_terms_or_kd(ds):
+    feature_kd.clear_teacher_cache()
+    teacher, student = models_()
+    batch = next(ds.train.batches(16))
+    state = TrainState()
+    obj = FeatureDistill(teacher, [Term("layer3", "layer3", similarity_preserving, 3.0)], alpha=0.0)
+    obj.setup(student, ds.train)
+    student.eval()  # deterministic batch norm for the comparison
+    out = obj(student, batch, state)
+    with torch.no_grad():
+        t_logits, t = teacher(batch.x, return_features=True)
+    s_logits, s = student(batch.x, return_features=True)
+    want = F.cross_entropy(s_logits, batch.labels) + 3.0 * similarity_preserving(s["layer3"], F.adaptive_avg_pool2d(t["layer3"], 4))
+    assert float(out.loss.detach()) == pytest.approx(float(want), rel=1e-5)
+    kd = FeatureDistill(teacher, [Term("layer3", "layer3", similarity_preserving, 3.0)], alpha=0.7, T=2.0)
+    kd.setup(student, ds.train)
+    want_kd = kd_loss(s_logits, t_logits, batch.labels, T=2.0, alpha=0.7) + 3.0 * similarity_preserving(
+        s["layer3"], F.adaptive_avg_pool2d(t["layer3"], 4))
+    assert float(kd(student, batch, state).loss.detach()) == pytest.approx(float(want_kd), rel=1e-5)
+
+
+def test_crd_objective_sizes_and_fills_its_banks(ds):
+    feature_kd.clear_teacher_cache()
+    teacher, student = models_()
+    obj = CRDDistill(teacher, dim=8, k=16)
+    hist = fit(student, ds.train, obj, epochs=1, batch_size=32, progress=False)
+    assert obj.crd.bank_t.shape == (len(ds.train), 8) and obj.crd.k == 16
+    assert torch.isfinite(torch.tensor(hist.last("crd")))
+    assert any(p is obj.crd.embed_s.linear.weight for p in obj.parameters())
+
+
+def test_same_seed_same_result(ds):
+    results = []
+    for _ in range(2):
+        feature_kd.clear_teacher_cache()
+        teacher, student = models_()
+        hist = fit(student, ds.train, FeatureDistill(teacher, [Term("layer2", "layer2", hint_loss, 10.0)]),
+                   epochs=1, batch_size=32, progress=False, seed=5)
+        results.append(hist.last("loss"))
+    assert results[0] == results[1]
+
+
+def test_objective_errors():
+    teacher, _ = models_()
+    with pytest.raises(ValueError, match="Term"):
+        FeatureDistill(teacher, [])
+    with pytest.raises(ValueError, match="callable"):
+        FeatureDistill(teacher, [Term("layer1", "layer1", "hint")])
+    with pytest.raises(ValueError, match="nn.Module"):
+        FeatureDistill(lambda x: x, [Term("layer1", "layer1", hint_loss)])
+    ds = data.shapes(n_train=8, n_val=4, n_test=4, seed=1)
+    with pytest.raises(ValueError, match="fc:input"):
+        CRDDistill(teacher, student_layer="layer3", teacher_layer="layer3").setup(SmallCNN((4, 8, 16)), ds.train)
