@@ -299,3 +299,196 @@ class CRDDistill(_TeacherTaps):
         loss = loss + scheduled(self.weight, state) * value
         parts["crd"] = value.item()
         return StepOutput(loss, s_logits, parts)
+
+
+# --------------------------------------------------------------------------
+# A toy dense detector, to run the detection-distillation losses end to end
+# --------------------------------------------------------------------------
+#
+# Images of 1-2 objects (square / disk / bar) on a noisy background; a grid of
+# G x G anchors (one per cell of the last feature map); the anchor whose cell
+# holds an object's centre is positive for it. A detector predicts per anchor
+# C + 1 class logits (0 = background) and 4 box values
+# (dx, dy = centre offset within the cell in [0, 1], log(w / cell), log(h / cell)).
+
+TOY_CLASSES = ("square", "disk", "bar")
+
+
+@dataclass
+class ToyDetection:
+    """A toy detection split: ``split`` (images; ``labels`` = class of the
+    first object, unused by the losses), per-anchor targets ``cls`` (N, A)
+    with 0 = background and ``box`` (N, A, 4), and ``grid`` (G, A = G * G)."""
+
+    split: Split
+    cls: torch.Tensor
+    box: torch.Tensor
+    grid: int
+    classes: tuple = TOY_CLASSES
+
+
+def toy_detection_data(n: int, seed: int, image_size: int = 32, grid: int = 4) -> ToyDetection:
+    """``n`` images with 1-2 objects each, deterministic for ``seed`` (no download)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    g = torch.Generator().manual_seed(seed)
+    s, cell = image_size, image_size // grid
+    yy, xx = torch.meshgrid(torch.arange(s) + 0.5, torch.arange(s) + 0.5, indexing="ij")
+    img = torch.rand(n, 3, 1, 1, generator=g) * 0.5 + 0.05 * torch.randn(n, 3, s, s, generator=g)
+    cls = torch.zeros(n, grid * grid, dtype=torch.long)
+    box = torch.zeros(n, grid * grid, 4)
+    first = torch.zeros(n, dtype=torch.long)
+    for i in range(n):
+        cells = torch.randperm(grid * grid, generator=g)[: 1 + int(torch.rand(1, generator=g) < 0.5)]
+        for j, a in enumerate(cells.tolist()):
+            k = int(torch.randint(0, len(TOY_CLASSES), (1,), generator=g))
+            cx = (a % grid + torch.rand(1, generator=g).item()) * cell
+            cy = (a // grid + torch.rand(1, generator=g).item()) * cell
+            r = 3.0 + 4.0 * torch.rand(1, generator=g).item()
+            w, h = (2 * r, 2 * r) if k < 2 else (2.6 * r, 0.9 * r)
+            if k == 1:
+                m = ((xx - cx) ** 2 + (yy - cy) ** 2) <= r * r
+            else:
+                m = ((xx - cx).abs() <= w / 2) & ((yy - cy).abs() <= h / 2)
+            colour = 0.5 + 0.5 * torch.rand(3, 1, generator=g)
+            img[i][:, m] = colour
+            cls[i, a] = k + 1
+            box[i, a] = torch.tensor([cx / cell - a % grid, cy / cell - a // grid,
+                                      torch.log(torch.tensor(w / cell)), torch.log(torch.tensor(h / cell))])
+            if j == 0:
+                first[i] = k
+    x = (img.clamp(0, 1) - 0.5) / 0.25
+    return ToyDetection(Split(x.contiguous(), first, TOY_CLASSES), cls, box, grid)
+
+
+class ToyDetector(nn.Module):
+    """A small dense detector: stride-2 stem, ``p3`` (8x8) and ``p4`` (4x4)
+    levels, and a 1x1 head on ``p4``. ``forward(x)`` returns
+    ``(cls_logits (B, A, C + 1), box (B, A, 4))``."""
+
+    def __init__(self, widths=(16, 32), num_classes: int = len(TOY_CLASSES)):
+        super().__init__()
+        c3, c4 = (int(w) for w in widths)
+
+        def block(ci, co):
+            return nn.Sequential(nn.Conv2d(ci, co, 3, 2, 1, bias=False), nn.BatchNorm2d(co), nn.ReLU(),
+                                 nn.Conv2d(co, co, 3, 1, 1, bias=False), nn.BatchNorm2d(co), nn.ReLU())
+        self.stem = nn.Sequential(nn.Conv2d(3, c3, 3, 2, 1, bias=False), nn.BatchNorm2d(c3), nn.ReLU())
+        self.p3 = block(c3, c3)
+        self.p4 = block(c3, c4)
+        self.cls_head = nn.Conv2d(c4, num_classes + 1, 1)
+        self.box_head = nn.Conv2d(c4, 4, 1)
+
+    def forward(self, x):
+        f = self.p4(self.p3(self.stem(x)))
+        cls = self.cls_head(f).flatten(2).transpose(1, 2)
+        box = self.box_head(f).flatten(2).transpose(1, 2)
+        return cls, box
+
+
+class DetectionObjective(Objective):
+    """Task loss of the toy detector, plus (with a ``teacher``) the three
+    detection-distillation terms of :mod:`kdcourse.losses.detection`.
+
+        task  = CE(object anchors) + CE(background anchors) + smooth-L1 on the true boxes
+        distil = w_cls * classification_kd(softmax, T)     object anchors + background anchors
+                                                            (``balance=False``: one mean over all anchors)
+               + w_box * masked_box_regression(mask = teacher says "object" with p > 0.5)
+               + w_feat * multiscale_feature_loss(levels, adapters)      1x1 adapters where channels differ
+
+    Targets are looked up by ``batch.index`` in ``data`` (a :class:`ToyDetection`).
+    """
+
+    def __init__(self, data: ToyDetection, teacher: nn.Module | None = None, T: float = 2.0, w_cls: float = 1.0,
+                 w_box: float = 1.0, w_feat: float = 1.0, levels: Sequence[str] = ("p3", "p4"), balance: bool = True):
+        super().__init__()
+        self.data, self.T, self.w_cls, self.w_box, self.w_feat = data, T, w_cls, w_box, w_feat
+        self.balance = balance
+        self.levels = list(levels)
+        object.__setattr__(self, "teacher", freeze(teacher) if teacher is not None else None)
+        self.adapters = nn.ModuleDict()
+
+    def setup(self, model: nn.Module, train: Split) -> None:
+        from .losses.detection import FeatureAdapters
+
+        if len(train) != len(self.data.split):
+            raise ValueError("train must be the ToyDetection split these targets belong to (data.split)")
+        if self.teacher is not None and self.w_feat:
+            x = train.images[:2].to(_device(model))
+            s = _probe(model, x, self.levels)
+            t = _probe(self.teacher, x.to(_device(self.teacher)), self.levels)
+            self.adapters = FeatureAdapters({k: v[0] for k, v in s.items()}, {k: v[0] for k, v in t.items()}).to(_device(model))
+
+    def predict(self, model, x):
+        return model(x)[0].flatten(0, 1)  # (B * A, C + 1): not used for accuracy (fit gets val=None)
+
+    def forward(self, model: nn.Module, batch: Batch, state: TrainState) -> StepOutput:
+        from .losses.detection import classification_kd, masked_box_regression, multiscale_feature_loss
+
+        dev = batch.x.device
+        cls_t, box_t = self.data.cls[batch.index].to(dev), self.data.box[batch.index].to(dev)
+        if self.teacher is not None and self.w_feat:
+            (cls, box), s_feats = fx.extract(model, batch.x, self.levels)
+        else:
+            (cls, box), s_feats = model(batch.x), {}
+        pos = cls_t > 0
+        ce_all = F.cross_entropy(cls.flatten(0, 1), cls_t.flatten(), reduction="none").view_as(cls_t)
+        ce = ce_all[pos].mean() + ce_all[~pos].mean()  # objects and background weighted equally
+        reg = masked_box_regression(box, box_t, pos.float())
+        loss = ce + reg
+        parts = {"ce": ce.item(), "box": reg.item()}
+        if self.teacher is not None:
+            with torch.no_grad():
+                (t_cls, t_box), t_feats = fx.extract(self.teacher, batch.x, self.levels, detach=True)
+            mask = (1 - t_cls.softmax(-1)[..., 0]) > 0.5
+            if self.balance:  # object and background anchors weighted equally, like the task loss
+                kd_cls = classification_kd(cls, t_cls, T=self.T, kind="softmax", mask=pos) + \
+                    classification_kd(cls, t_cls, T=self.T, kind="softmax", mask=~pos)
+            else:  # plain mean over anchors: ~90% of them are background here
+                kd_cls = classification_kd(cls, t_cls, T=self.T, kind="softmax")
+            kd_box = masked_box_regression(box, t_box, mask.float())
+            loss = loss + self.w_cls * kd_cls + self.w_box * kd_box
+            parts.update(kd_cls=kd_cls.item(), kd_box=kd_box.item())
+            if self.w_feat:
+                kd_feat = multiscale_feature_loss(s_feats, t_feats, self.adapters)
+                loss = loss + self.w_feat * kd_feat
+                parts["kd_feat"] = kd_feat.item()
+        return StepOutput(loss, None, parts)
+
+
+def box_iou_cells(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """IoU of boxes in the per-cell encoding (dx, dy, log w, log h) of the
+    same cell (the cell offset cancels): (..., 4) -> (...)."""
+    def corners(b):
+        w, h = b[..., 2].exp(), b[..., 3].exp()
+        return b[..., 0] - w / 2, b[..., 1] - h / 2, b[..., 0] + w / 2, b[..., 1] + h / 2
+    px0, py0, px1, py1 = corners(pred)
+    tx0, ty0, tx1, ty1 = corners(target)
+    iw = (torch.minimum(px1, tx1) - torch.maximum(px0, tx0)).clamp_min(0)
+    ih = (torch.minimum(py1, ty1) - torch.maximum(py0, ty0)).clamp_min(0)
+    inter = iw * ih
+    union = (px1 - px0) * (py1 - py0) + (tx1 - tx0) * (ty1 - ty0) - inter
+    return inter / union.clamp_min(1e-12)
+
+
+@torch.no_grad()
+def detection_scores(model: nn.Module, data: ToyDetection, batch_size: int = 256) -> dict:
+    """``recall@0.5``: objects whose anchor predicts the right class with IoU >= 0.5;
+    ``class_acc`` on object anchors; ``mean_iou`` on object anchors; ``false_pos``:
+    background anchors predicted as an object."""
+    was = model.training
+    model.eval()
+    dev = _device(model)
+    cls, box = [], []
+    for b in data.split.batches(batch_size, device=dev):
+        c, bx = model(b.x)
+        cls.append(c.cpu())
+        box.append(bx.cpu())
+    model.train(was)
+    cls, box = torch.cat(cls), torch.cat(box)
+    pos = data.cls > 0
+    pred = cls.argmax(-1)
+    iou = box_iou_cells(box[pos], data.box[pos])
+    right = pred[pos] == data.cls[pos]
+    return {"recall@0.5": float((right & (iou >= 0.5)).float().mean()), "class_acc": float(right.float().mean()),
+            "mean_iou": float(iou.mean()), "false_pos": float((pred[~pos] > 0).float().mean())}

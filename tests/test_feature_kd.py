@@ -90,7 +90,7 @@ def test_loss_is_ce_plus_weighted_terms_or_kd(ds):
     with torch.no_grad():
         t_logits, t = teacher(batch.x, return_features=True)
     s_logits, s = student(batch.x, return_features=True)
-    want = F.cross_entropy(s_logits, batch.labels) + 3.0 * similarity_preserving(s["layer3"], F.adaptive_avg_pool2d(t["layer3"], 4))
+    want = (F.cross_entropy(s_logits, batch.labels) + 3.0 * similarity_preserving(s["layer3"], F.adaptive_avg_pool2d(t["layer3"], 4))).detach()
     assert float(out.loss.detach()) == pytest.approx(float(want), rel=1e-5)
     kd = FeatureDistill(teacher, [Term("layer3", "layer3", similarity_preserving, 3.0)], alpha=0.7, T=2.0)
     kd.setup(student, ds.train)

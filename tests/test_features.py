@@ -38,7 +38,8 @@ def test_features_keep_the_graph_unless_detached():
     x = torch.randn(2, 3, 32, 32)
     _, feats = fx.extract(model, x, ["layer2"])
     feats["layer2"].pow(2).mean().backward()
-    assert model.layer2[1][0].weight.grad is not None and model.layer3[1][0].weight.grad is None
+    convs = lambda layer: [m for m in layer.modules() if isinstance(m, nn.Conv2d)]  # noqa: E731
+    assert convs(model.layer2)[0].weight.grad is not None and convs(model.layer3)[0].weight.grad is None
     _, feats = fx.extract(model, x, ["layer2"], detach=True)
     assert not feats["layer2"].requires_grad
 
@@ -57,12 +58,13 @@ def test_unknown_names_are_reported_with_suggestions():
 
 
 def test_in_place_overwrite_is_detected_and_clone_avoids_it():
-    model = SmallCNN((4, 8, 16)).eval()  # layer1 = conv, bn, ReLU(inplace=True)
+    model = SmallCNN((4, 8, 16)).eval()  # conv, batch norm, ReLU(inplace=True)
+    bn = next(n for n, m in model.named_modules() if n.startswith("layer1") and isinstance(m, nn.BatchNorm2d))
     x = torch.randn(2, 3, 32, 32)
     with pytest.raises(RuntimeError, match="in place"):
-        fx.extract(model, x, ["layer1.1"])
-    _, feats = fx.extract(model, x, ["layer1.1"], clone=True)
-    assert (feats["layer1.1"] < 0).any()  # the batch-norm output before the ReLU
+        fx.extract(model, x, [bn])
+    _, feats = fx.extract(model, x, [bn], clone=True)
+    assert (feats[bn] < 0).any()  # the batch-norm output before the ReLU
 
 
 def test_no_forward_pass_is_reported():
