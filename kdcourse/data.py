@@ -237,21 +237,21 @@ def _shape_sdf(cls: int, x, y, size, aspect, hole):
     raise ValueError(f"unknown class {cls}")
 
 
-def _class_params(cls: np.ndarray, rng: np.random.Generator, max_rotation: float = np.pi / 6):
+def _class_params(cls: np.ndarray, rng: np.random.Generator, max_rotation: float = np.pi / 12):
     """Per-image aspect ratio, hole size and rotation (uniform in
     +-``max_rotation`` radians); this is where the confusable pairs overlap."""
     n = cls.shape[0]
     names = np.array(SHAPE_CLASSES)[cls]
     aspect = np.ones(n)
-    aspect[names == "disk"] = rng.uniform(1.0, 1.3, (names == "disk").sum())
-    aspect[names == "ellipse"] = rng.uniform(1.2, 2.2, (names == "ellipse").sum())
-    aspect[names == "square"] = rng.uniform(1.0, 1.3, (names == "square").sum())
-    aspect[names == "rectangle"] = rng.uniform(1.2, 2.2, (names == "rectangle").sum())
+    aspect[names == "disk"] = rng.uniform(1.0, 1.4, (names == "disk").sum())
+    aspect[names == "ellipse"] = rng.uniform(1.25, 2.2, (names == "ellipse").sum())
+    aspect[names == "square"] = rng.uniform(1.0, 1.4, (names == "square").sum())
+    aspect[names == "rectangle"] = rng.uniform(1.25, 2.2, (names == "rectangle").sum())
     hole = rng.uniform(0.35, 0.65, n)
     theta = rng.uniform(-max_rotation, max_rotation, n)
     for name, base in (("plus", 0.0), ("cross", np.pi / 4)):
         m = names == name
-        theta[m] = base + rng.uniform(-np.pi / 7, np.pi / 7, m.sum())
+        theta[m] = base + rng.uniform(-np.pi / 7.2, np.pi / 7.2, m.sum())  # +-25 deg: the ranges meet
     return aspect, hole, theta
 
 
@@ -268,7 +268,7 @@ def make_shapes(n: int, seed: int, image_size: int = IMAGE_SIZE, noise: float = 
     rng = np.random.default_rng(seed)
     h = w = image_size
     labels = rng.integers(0, len(SHAPE_CLASSES), n)
-    size = rng.uniform(0.26, 0.44, n) * h  # "radius" in pixels
+    size = rng.uniform(0.3, 0.46, n) * h  # "radius" in pixels
     margin = size * 0.6
     cx = rng.uniform(margin, w - margin)
     cy = rng.uniform(margin, h - margin)

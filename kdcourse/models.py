@@ -90,22 +90,29 @@ class ResNet(_Staged):
 
 
 class SmallCNN(_Staged):
-    """A plain student: stride-2 stem, then three conv stages at ``widths``.
+    """A plain student: a stride-2 stem, then three conv stages at ``widths``
+    with ``convs`` 3x3 conv-BN-ReLU layers each, max-pooling between stages.
 
-    ``layer1`` is at 16x16, ``layer2`` at 8x8, ``layer3`` at 4x4 for 32x32 input,
-    matching the spatial sizes of :class:`ResNet` stages 1-3 divided by two.
+    For 32x32 input ``layer1`` is at 16x16, ``layer2`` at 8x8 and ``layer3`` at
+    4x4 — the spatial sizes of a :class:`ResNet` with ``stem_stride=2``.
     """
 
-    def __init__(self, widths=(8, 16, 32), num_classes: int = 10, in_channels: int = 3):
+    def __init__(self, widths=(8, 16, 32), convs: int = 1, num_classes: int = 10, in_channels: int = 3):
         super().__init__()
         widths = tuple(int(w) for w in widths)
         if len(widths) != 3 or min(widths) < 1:
             raise ValueError(f"widths must be three positive ints, got {widths}")
+        if not isinstance(convs, int) or convs < 1:
+            raise ValueError(f"convs (3x3 layers per stage) must be a positive int, got {convs!r}")
         self.stem = conv_bn(in_channels, widths[0], stride=2)
-        self.layer1 = conv_bn(widths[0], widths[0])
-        self.layer2 = nn.Sequential(nn.MaxPool2d(2), conv_bn(widths[0], widths[1]))
-        self.layer3 = nn.Sequential(nn.MaxPool2d(2), conv_bn(widths[1], widths[2]))
-        self.fc = nn.Linear(widths[2], num_classes)
+        c = widths[0]
+        for i, w in enumerate(widths):
+            layers = [nn.MaxPool2d(2)] if i else []
+            for _ in range(convs):
+                layers.append(conv_bn(c, w))
+                c = w
+            setattr(self, f"layer{i + 1}", nn.Sequential(*layers))
+        self.fc = nn.Linear(c, num_classes)
         self.feature_channels = {"layer1": widths[0], "layer2": widths[1], "layer3": widths[2], "pool": widths[2]}
 
 
@@ -182,9 +189,9 @@ def count_params(model: nn.Module, trainable_only: bool = False) -> int:
 def describe(spec: dict) -> str:
     """Short human name for a spec, e.g. ``resnet14-w16`` or ``cnn-8-16-32``."""
     if spec["arch"] == "resnet":
-        return f"resnet{spec.get('depth', 20)}-w{spec.get('width', 16)}"
+        return f"resnet{spec.get('depth', 20)}-w{spec.get('width', 16)}" + ("-s2" if spec.get("stem_stride", 1) == 2 else "")
     if spec["arch"] == "cnn":
-        return "cnn-" + "-".join(str(w) for w in spec.get("widths", (8, 16, 32)))
+        return "cnn-" + "-".join(str(w) for w in spec.get("widths", (8, 16, 32))) + (f"x{spec['convs']}" if spec.get("convs", 1) > 1 else "")
     if spec["arch"] == "mobile":
         return "mobile-" + "-".join(str(w) for w in spec.get("widths", (16, 32, 64))) + f"x{spec.get('blocks', 2)}"
     return spec["arch"]

@@ -69,10 +69,11 @@ def _write_fake_cifar(root, n_train_per_batch=20, n_test=30):
 
 
 def test_cifar10_loads_from_torchvision_format(tmp_path, monkeypatch):
-    import torchvision.datasets as tvd
+    import torchvision.datasets.cifar as tv_cifar
 
     _write_fake_cifar(tmp_path)
-    monkeypatch.setattr(tvd.CIFAR10, "_check_integrity", lambda self: True)
+    # Our files have the real format but not the real MD5 sums.
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda *a, **k: True)
     data = D.cifar10(str(tmp_path), n_val=10)
     assert len(data.train) == 90 and len(data.val) == 10 and len(data.test) == 30
     assert data.classes == D.CIFAR10_CLASSES and data.train.images.dtype == torch.uint8

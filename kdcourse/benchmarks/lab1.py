@@ -1,0 +1,115 @@
+"""Lab 1 figures: ``python -m kdcourse bench lab1 [--profile laptop]``.
+
+Prints, measured in this one run:
+
+1. the first teacher build (a fresh, temporary cache), in seconds;
+2. the epoch time of a scratch student, a KD student with cached teacher
+   logits and a KD student with a live teacher (medians of ``repeats``
+   alternating epochs) and their ratios;
+3. the accuracy figures: teacher, scratch and KD students over the
+   profile's seeds (mean ± std), compression and retention, and the gap in
+   pooled standard deviations;
+4. Lab 1 "Run All" in the profile with the teacher cached, and in the smoke
+   profile from an empty cache.
+
+``python -m kdcourse.benchmarks.lab1 --only epoch,accuracy`` runs a subset.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+PARTS = ("teacher", "epoch", "accuracy", "notebook", "smoke")
+NOTEBOOK = os.path.join("solutions", "01_classic_kd.ipynb")
+
+
+def _epoch_times(profile, ds, teacher, repeats: int) -> dict:
+    from .. import models, runtime
+    from ..train import Distill, fit
+
+    times = {"scratch": [], "KD, cached teacher logits": [], "KD, live teacher": []}
+    setup = {}
+    for r in range(repeats):
+        for name in times:
+            runtime.seed_everything(r)
+            student = models.build(profile.student, ds.num_classes)
+            obj = None
+            if name != "scratch":
+                obj = Distill(teacher, cache=name.startswith("KD, cached"))
+            t0 = time.perf_counter()
+            hist = fit(student, ds.train, obj, epochs=1, lr=profile.lr, batch_size=profile.batch_size, progress=False)
+            setup.setdefault(name, []).append(time.perf_counter() - t0 - hist.seconds)
+            times[name].append(hist.seconds)
+    return {k: (statistics.median(v), statistics.median(setup[k])) for k, v in times.items()}
+
+
+def main(profile: str = "laptop", repeats: int = 3, only: tuple = PARTS) -> int:
+    from .. import data, models, profiles, runs, zoo
+    from ..train import Distill
+
+    prof = profiles.get_profile(profile)
+    torch.set_num_threads(int(os.environ.get("KDCOURSE_THREADS", torch.get_num_threads())))
+    print(f"# Lab 1 benchmark — profile {prof.name}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    ds = data.load(prof)
+    cache = tempfile.mkdtemp(prefix="kdcourse-bench-")
+    os.environ["KDCOURSE_CACHE"] = cache
+
+    t0 = time.perf_counter()
+    teacher, info = zoo.teacher(prof, ds, directory=cache, progress=False)
+    if "teacher" in only:
+        print(f"first teacher build ({info['arch']}, {info['params']:,} params, {info['epochs']} epochs): "
+              f"{time.perf_counter() - t0:.0f} s (training {info['train_seconds']:.0f} s); test acc {100 * info['test_acc']:.2f}%")
+
+    if "epoch" in only:
+        et = _epoch_times(prof, ds, teacher, repeats)
+        base = et["scratch"][0]
+        print(f"\nepoch time on {len(ds.train)} images (median of {repeats}, one-time setup in brackets):")
+        for name, (sec, setup) in et.items():
+            print(f"  {name:<28} {sec:6.2f} s  (setup {setup:.2f} s)   ratio to scratch {sec / base:.2f}")
+
+    if "accuracy" in only:
+        common = dict(build=prof.student, data=ds, epochs=prof.student_epochs, lr=prof.lr, progress=False)
+        scratch = runs.summarize(runs.repeat("scratch", prof.seeds, **common))
+        kd = runs.summarize(runs.repeat("KD", prof.seeds, objective=lambda: Distill(teacher, T=4.0, alpha=0.9), **common))
+        n_t, n_s = info["params"], models.count_params(models.build(prof.student, ds.num_classes))
+        print(f"\naccuracy (test, last epoch, seeds {prof.seeds}):")
+        print(f"  teacher {info['arch']}: {n_t:,} params, {100 * info['test_acc']:.2f}%")
+        print(f"  student {models.describe(prof.student)}: {n_s:,} params ({n_t / n_s:.1f}x smaller)")
+        print(f"  scratch: {scratch}")
+        print(f"  KD T=4 alpha=0.9: {kd}  -> {100 * kd.mean / info['test_acc']:.1f}% of the teacher")
+        t_stat, dof = runs.welch_t(kd, scratch)
+        print(f"  KD - scratch: {100 * (kd.mean - scratch.mean):+.2f} points = {runs.gap_in_std(kd, scratch):.1f} pooled std "
+              f"(Welch t {t_stat:.1f}, {dof:.1f} dof)")
+
+    from ..notebooks import execute
+
+    if "notebook" in only:
+        t0 = time.perf_counter()
+        execute(NOTEBOOK, profile=prof.name, cwd=tempfile.mkdtemp(), env={"KDCOURSE_CACHE": cache, "MPLBACKEND": "Agg"},
+                timeout=3600)
+        print(f"\nLab 1 Run All, profile {prof.name}, teacher cached: {time.perf_counter() - t0:.0f} s")
+        t0 = time.perf_counter()
+        execute(NOTEBOOK, profile=prof.name, cwd=tempfile.mkdtemp(), env={"KDCOURSE_CACHE": cache, "MPLBACKEND": "Agg"},
+                timeout=3600)
+        print(f"Lab 1 Run All, profile {prof.name}, all teachers cached (second run): {time.perf_counter() - t0:.0f} s")
+    if "smoke" in only:
+        smoke_cache = tempfile.mkdtemp(prefix="kdcourse-bench-smoke-")
+        t0 = time.perf_counter()
+        execute(NOTEBOOK, profile="smoke", cwd=tempfile.mkdtemp(), env={"KDCOURSE_CACHE": smoke_cache, "MPLBACKEND": "Agg"})
+        print(f"Lab 1 Run All, profile smoke, empty cache: {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", default="laptop")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--only", default=",".join(PARTS), help="comma-separated subset of " + ",".join(PARTS))
+    a = ap.parse_args()
+    sys.exit(main(a.profile, a.repeats, tuple(a.only.split(","))))
