@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.kdcourse-installed
 PORT   ?= 8888
 
-.PHONY: install lab test test-fast labs check-labs strip bench clean-cache
+.PHONY: install lab test test-fast labs check-labs strip bench clean-cache chromium
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,7 +20,13 @@ install: $(STAMP)
 lab: $(STAMP)
 	$(BIN)/jupyter lab --ip=127.0.0.1 --port=$(PORT) --ServerApp.root_dir=. labs/01_classic_kd.ipynb
 
-test: $(STAMP)
+# The browser test drives Debian's Chromium (installed here with apt-get when
+# missing; Playwright never downloads a browser). CI sets
+# KDCOURSE_REQUIRE_BROWSER=1 so that a missing browser fails the run.
+chromium:
+	@bash scripts/ensure_chromium.sh
+
+test: $(STAMP) chromium
 	$(BIN)/python -m pytest
 
 test-fast: $(STAMP)
