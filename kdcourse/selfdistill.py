@@ -56,17 +56,53 @@ def summary_of(name: str, values: Sequence[float], params: int | None = None) ->
     return runs.Summary(name, statistics.fmean(values), std, len(values), values, params)
 
 
+def verdict(better: runs.Summary, worse: runs.Summary) -> str:
+    """"gain above noise", "loss above noise" or "within seed-to-seed noise".
+
+    The rule is |Welch t| >= 2 (:func:`kdcourse.runs.welch_t`). With 3 seeds
+    a side that is lenient — the 5 % two-sided threshold is about 2.8 to 4.3
+    depending on the degrees of freedom — so "within noise" is a firm
+    statement and "above noise" a first indication, not a proof. A summary
+    of one run has no spread of its own: it is compared with twice the
+    other side's standard deviation and said to be one seed.
+    """
+    if better.n < 2:
+        spread = 2 * worse.std
+        if spread == 0:
+            return "one seed, no spread to compare with"
+        inside = abs(better.mean - worse.mean) < spread
+        return "one seed: within 2 std of the baseline" if inside else \
+            ("one seed: more than 2 std above the baseline" if better.mean > worse.mean else "one seed: more than 2 std below the baseline")
+    t, _ = runs.welch_t(better, worse)
+    if abs(t) < 2:
+        return "within seed-to-seed noise"
+    return "gain above noise" if t > 0 else "loss above noise"
+
+
 def significance(better: runs.Summary, worse: runs.Summary) -> str:
-    """One line: the difference in points, in pooled standard deviations, and
-    Welch's t — and whether it is within noise (|t| < 2 is called noise
-    here: with 3 seeds a Welch t below about 2.8-4.3 is not significant at
-    the 5% level, so |t| < 2 is not even suggestive)."""
+    """One line: the difference in points, in pooled standard deviations,
+    Welch's t and the :func:`verdict`."""
     diff = 100 * (better.mean - worse.mean)
     gap = runs.gap_in_std(better, worse)
     t, dof = runs.welch_t(better, worse)
-    verdict = "within seed-to-seed noise" if abs(t) < 2 else ("a gain above noise" if t > 0 else "a loss above noise")
     return (f"{better.name} − {worse.name}: {diff:+.2f} points = {gap:+.1f} pooled std, "
-            f"Welch t = {t:+.1f} ({dof:.1f} d.o.f., n = {better.n} and {worse.n}) → {verdict}")
+            f"Welch t = {t:+.1f} ({dof:.1f} d.o.f., n = {better.n} and {worse.n}) → {verdict(better, worse)}")
+
+
+def compare_row(summary: runs.Summary, baseline: runs.Summary, method: str | None = None, inference: str = "1 network",
+                anchor: str = "") -> dict:
+    """A row of the lab's summary table: ``summary`` against ``baseline``."""
+    same = summary is baseline
+    return {
+        "method": method or summary.name,
+        "at inference": inference,
+        "test acc (%)": f"{100 * summary.mean:.2f} ± {100 * summary.std:.2f}",
+        "seeds": summary.n,
+        "Δ vs scratch (points)": "" if same else f"{100 * (summary.mean - baseline.mean):+.2f}",
+        "Welch t": "" if same or summary.n < 2 else f"{runs.welch_t(summary, baseline)[0]:+.1f}",
+        "reading": "baseline" if same else verdict(summary, baseline),
+        "published anchor": anchor,
+    }
 
 
 # --------------------------------------------------------------------------
@@ -198,7 +234,8 @@ def _builder(build, num_classes: int) -> Callable[[], nn.Module]:
 
 def run_born_again(build, data: ImageData, *, seeds: Sequence[int], temperatures: Sequence[float], alpha: float = 0.5,
                    epochs: int, lr: float, batch_size: int = 128, weight_decay: float = 0.0,
-                   loop: Callable = born_again, ensemble_mode: str = "logits", progress: bool = True) -> BornAgainResult:
+                   loop: Callable = born_again, ensemble_mode: str = "logits", reuse: Sequence[runs.Run] = (),
+                   progress: bool = True) -> BornAgainResult:
     """Run a born-again ``loop`` once per seed and measure every generation.
 
     ``build`` is a model spec or a function returning a fresh model. For each
@@ -207,6 +244,13 @@ def run_born_again(build, data: ImageData, *, seeds: Sequence[int], temperatures
     the same weights and sees the same batches as
     ``runs.train_run(..., seed=seed)`` with cross-entropy. Accuracy is the
     test accuracy after the last epoch.
+
+    ``reuse``: scratch runs of the same ``build``, data, epochs and learning
+    rate made with ``keep_model=True`` (e.g. ``runs.repeat(..., keep_model=True)``).
+    Generation 1 of a seed found there is not trained again: its weights and
+    history are copied, which is what training it would give (same seed,
+    same initial weights, same batches; the random state the next
+    generation starts from is the same too).
     """
     temperatures = tuple(float(T) for T in temperatures)
     if not temperatures:
@@ -216,11 +260,19 @@ def run_born_again(build, data: ImageData, *, seeds: Sequence[int], temperatures
     result = BornAgainResult(temperatures, float(alpha), ensemble_mode,
                              [[] for _ in range(len(temperatures) + 1)], [[] for _ in range(len(temperatures))])
     new_model = _builder(build, data.num_classes)
+    done = {r.seed: r for r in reuse}
+    for r in done.values():
+        if r.model is None:
+            raise ValueError("reuse needs runs made with keep_model=True (their trained weights are copied)")
     for seed in seeds:
         runtime.seed_everything(seed)
         log: dict[int, tuple] = {}
 
         def train(model: nn.Module, objective: Objective, seed=seed, log=log):
+            if not log and type(objective) is Objective and seed in done:  # generation 1 = the scratch run
+                model.load_state_dict(done[seed].model.state_dict())
+                log[id(model)] = (done[seed].history, done[seed].seconds)
+                return done[seed].history
             t0 = time.perf_counter()
             hist = fit(model, data.train, objective, epochs=epochs, lr=lr, batch_size=batch_size,
                        weight_decay=weight_decay, val=data.val, seed=seed, progress=progress,
@@ -545,23 +597,69 @@ def run_mutual(build, data: ImageData, *, seeds: Sequence[int], peers: int = 2, 
 class LabSettings:
     """Lab 4's knobs for one profile (the notebook may override any)."""
 
+    network: dict  # model spec of every network in the lab (teacher and student are the same size here)
     epochs: int  # epochs of every network trained in the lab
-    temperatures: tuple  # T of generations 2, 3, ... (born-again)
-    alpha: float  # weight of the distillation term (born-again, multi-teacher)
-    sweep_T: tuple  # temperatures tried for generation 2 (one seed)
-    dml_T: float
+    lr: float  # Adam learning rate of every network trained in the lab
+    alpha: float  # weight of the distillation term (born-again, multi-teacher, exits)
+    sweep_T: tuple  # temperatures tried for generation 2 (one seed); the best on validation is used after
+    generations: int  # born-again generations, the first one included
+    dml_T: float  # deep mutual learning (the paper: T = 1, equal weights)
     dml_alpha: float
-    exits: tuple
-    exit_T: float
-    exit_alpha: float
+    exits: tuple  # layers that get an auxiliary classifier
 
 
 def settings(profile) -> LabSettings:
-    """The lab's settings for ``profile`` (keyed by ``profile.name``)."""
-    base = dict(temperatures=(4.0, 4.0), alpha=0.5, sweep_T=(1.0, 4.0), dml_T=1.0, dml_alpha=0.5,
-                exits=("layer1", "layer2"), exit_T=3.0, exit_alpha=0.5)
-    if profile.name == "smoke":
-        return LabSettings(epochs=profile.student_epochs, **base)
-    if profile.name == "laptop":
-        return LabSettings(epochs=max(1, profile.student_epochs // 2), **base)
-    return LabSettings(epochs=profile.student_epochs, **dict(base, sweep_T=(1.0, 2.0, 4.0, 8.0)))
+    """The lab's settings for ``profile`` (keyed by ``profile.name``).
+
+    Lab 4 trains about 25 networks of one size (no separate teacher), so the
+    offline profiles use a cheaper schedule than lab 1: 60 % of
+    ``profile.student_epochs`` at a learning rate of 1e-2 (lab 1: 3e-3 for
+    longer). The laptop profile uses a plain three-stage CNN of 7k
+    parameters (``cnn-8-16-32``), about 2.5 times cheaper per step than the
+    lab-1 student, to keep "Run All" within minutes on 2 cores; the other
+    profiles use ``profile.student``.
+    """
+    base = dict(alpha=0.5, sweep_T=(1.0, 2.0, 4.0), generations=3, dml_T=1.0, dml_alpha=0.5, exits=("layer1", "layer2"))
+    if profile.dataset == "shapes":
+        network = {"arch": "cnn", "widths": (8, 16, 32)} if profile.name == "laptop" else dict(profile.student)
+        return LabSettings(network=network, epochs=max(1, round(0.6 * profile.student_epochs)), lr=1e-2, **base)
+    return LabSettings(network=dict(profile.student), epochs=profile.student_epochs, lr=profile.lr,
+                       **dict(base, sweep_T=(1.0, 2.0, 4.0, 8.0)))
+
+
+# --------------------------------------------------------------------------
+# Lab helpers: a temperature sweep for one generation, noisy labels
+# --------------------------------------------------------------------------
+
+def temperature_sweep(teacher: nn.Module, build, data: ImageData, temperatures: Sequence[float], *, alpha: float,
+                      epochs: int, lr: float, seed: int = 0, batch_size: int = 128, progress: bool = True) -> list[dict]:
+    """Distil one fresh network from ``teacher`` at each temperature (one
+    seed, ``seed + 1``, so the students do not start from the teacher's
+    initial weights). Returns rows with the teacher's mean soft-target
+    entropy on the training images at that T (bits), and the student's
+    validation and test accuracy after the last epoch."""
+    train_logits = predict_logits(teacher, data.train)
+    rows = []
+    for T in temperatures:
+        p = F.softmax(train_logits / float(T), dim=1)
+        entropy = float(-(p * p.clamp_min(1e-12).log2()).sum(1).mean())
+        run = runs.train_run(f"T={T:g}", build, data, objective=lambda T=T: Distill(teacher, T=T, alpha=alpha),
+                             epochs=epochs, lr=lr, seed=seed + 1, batch_size=batch_size, progress=progress)
+        rows.append({"T": float(T), "entropy_bits": entropy, "val_acc": run.val_acc, "test_acc": run.test_acc, "run": run})
+    return rows
+
+
+def with_label_noise(data: ImageData, fraction: float, seed: int = 0) -> ImageData:
+    """``data`` with a ``fraction`` of the students' training labels replaced
+    by uniformly random classes (validation and test stay clean). Soft
+    targets are known to help most when labels are noisy; try it."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must be a number in [0, 1] (share of training labels to randomise), got {fraction!r}")
+    if fraction == 0:
+        return data
+    g = torch.Generator().manual_seed(seed)
+    labels = data.train.labels.clone()
+    flip = torch.rand(len(labels), generator=g) < fraction
+    labels[flip] = torch.randint(0, data.num_classes, (int(flip.sum()),), generator=g)
+    train = Split(data.train.images, labels, data.train.classes, data.train.augment, data.train.mean, data.train.std)
+    return ImageData(data.name, train, data.val, data.test, data.teacher_train)

@@ -105,6 +105,17 @@ def test_generation_one_is_the_scratch_run_and_results_are_reproducible(tiny):
     assert [r["model"] for r in rows][:2] == ["generation 1", "generation 2"] and "ensemble" in rows[2]["model"]
 
 
+def test_reusing_scratch_runs_as_generation_one_changes_nothing(tiny):
+    kw = dict(seeds=(0, 1), temperatures=(4.0,), epochs=2, lr=1e-2, progress=False)
+    scratch = runs.repeat("scratch", (0,), build=SPEC, data=tiny, epochs=2, lr=1e-2, progress=False, keep_model=True)
+    fresh = sd.run_born_again(SPEC, tiny, **kw)
+    reused = sd.run_born_again(SPEC, tiny, reuse=scratch, **kw)
+    assert [[r.test_acc for r in g] for g in fresh.runs] == [[r.test_acc for r in g] for g in reused.runs]
+    assert reused.runs[0][0].history is scratch[0].history and reused.runs[0][0].model is not scratch[0].model
+    with pytest.raises(ValueError, match="keep_model"):
+        sd.run_born_again(SPEC, tiny, reuse=runs.repeat("s", (0,), build=SPEC, data=tiny, epochs=1, lr=1e-2, progress=False), **kw)
+
+
 def test_ensemble_of_generations_is_measured(tiny):
     res = sd.run_born_again(SPEC, tiny, seeds=(0, 1), temperatures=(4.0, 4.0), epochs=1, lr=1e-2,
                             ensemble_mode="probs", progress=False)
@@ -277,8 +288,26 @@ def test_mutual_learning_uses_a_students_loss(tiny):
 @pytest.mark.parametrize("name", ["smoke", "laptop", "full"])
 def test_settings_for_every_profile(name):
     s = sd.settings(profiles.get_profile(name))
-    assert s.epochs >= 1 and len(s.temperatures) == 2 and all(T > 0 for T in s.temperatures)
+    assert s.epochs >= 1 and s.lr > 0 and s.generations >= 2 and all(T > 0 for T in s.sweep_T)
     assert 0 <= s.alpha <= 1 and s.exits
+
+
+def test_temperature_sweep_rows(tiny):
+    teacher = freeze(models.build(SPEC))
+    rows = sd.temperature_sweep(teacher, SPEC, tiny, (1.0, 8.0), alpha=0.5, epochs=1, lr=1e-2, progress=False)
+    assert [r["T"] for r in rows] == [1.0, 8.0]
+    assert rows[0]["entropy_bits"] < rows[1]["entropy_bits"] <= 3.33  # softer at high T, at most log2(10)
+    assert all(0 <= r["val_acc"] <= 1 and 0 <= r["test_acc"] <= 1 for r in rows)
+
+
+def test_label_noise(tiny):
+    noisy = sd.with_label_noise(tiny, 0.5, seed=1)
+    changed = (noisy.train.labels != tiny.train.labels).float().mean()
+    assert 0.2 < changed < 0.65  # half resampled, a tenth of those land on the true class
+    assert torch.equal(noisy.test.labels, tiny.test.labels) and torch.equal(noisy.train.images, tiny.train.images)
+    assert sd.with_label_noise(tiny, 0.0) is tiny
+    with pytest.raises(ValueError, match="fraction"):
+        sd.with_label_noise(tiny, 1.5)
 
 
 def test_significance_readout():
@@ -290,3 +319,9 @@ def test_significance_readout():
     assert "loss above noise" in sd.significance(b, c)
     with pytest.raises(ValueError, match="no values"):
         sd.summary_of("empty", [])
+    one = sd.summary_of("one", [0.95])
+    assert sd.verdict(one, b).startswith("one seed: more than 2 std above")
+    assert sd.verdict(sd.summary_of("one", [0.806]), b) == "one seed: within 2 std of the baseline"
+    row = sd.compare_row(c, b, anchor="paper: 1 → 2")
+    assert row["reading"] == "gain above noise" and row["Δ vs scratch (points)"] == "+10.00" and row["seeds"] == 3
+    assert sd.compare_row(b, b)["reading"] == "baseline"
