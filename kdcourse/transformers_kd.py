@@ -38,6 +38,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import dataclasses  # noqa: E402
+import logging  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
@@ -102,6 +103,7 @@ class LabConfig:
     mlm_fraction: float  # part of each teacher batch that also gets a masked copy for that loss
     student_epochs: int  # task epochs for every student recipe
     general_epochs: int  # epochs over the unlabelled corpus in stage 1 of two-stage KD
+    progressive_epochs: int  # epochs per layer in progressive (MobileBERT-style) transfer
     lr: float  # student learning rate (Adam, cosine decay)
     batch_size: int
     T: float = 2.0  # temperature of prediction-layer KD
@@ -114,19 +116,19 @@ LAB3: dict[str, LabConfig] = {
         n_teacher_train=600, n_train=300, n_val=200, n_test=300, n_general=600,
         teacher=BertSpec(4, 32, 2, 64), student=BertSpec(2, 16, 2, 32),
         teacher_epochs=3, teacher_lr=2e-3, mlm_weight=0.5, mlm_fraction=0.5,
-        student_epochs=2, general_epochs=1, lr=3e-3, batch_size=64,
+        student_epochs=2, general_epochs=1, progressive_epochs=1, lr=3e-3, batch_size=64,
     ),
     "laptop": LabConfig(
         n_teacher_train=8000, n_train=1500, n_val=1000, n_test=2000, n_general=6000,
         teacher=BertSpec(8, 128, 4, 512, attention_dropout=0.1), student=BertSpec(4, 48, 4, 192),
-        teacher_epochs=8, teacher_lr=7e-4, mlm_weight=0.5, mlm_fraction=0.5,
-        student_epochs=15, general_epochs=3, lr=2e-3, batch_size=64,
+        teacher_epochs=8, teacher_lr=1e-3, mlm_weight=0.5, mlm_fraction=0.5,
+        student_epochs=15, general_epochs=3, progressive_epochs=1, lr=2e-3, batch_size=64,
     ),
     "full": LabConfig(
         n_teacher_train=40000, n_train=4000, n_val=2000, n_test=5000, n_general=40000,
         teacher=BertSpec(12, 256, 4, 1024), student=BertSpec(4, 64, 4, 256),
         teacher_epochs=12, teacher_lr=3e-4, mlm_weight=0.5, mlm_fraction=0.5,
-        student_epochs=20, general_epochs=4, lr=2e-3, batch_size=128,
+        student_epochs=20, general_epochs=4, progressive_epochs=2, lr=2e-3, batch_size=128,
     ),
 }
 
@@ -160,10 +162,19 @@ class TransformerOutputs(NamedTuple):
     mlm_logits: torch.Tensor | None = None  # (B, S, V) when asked for
 
 
+def _transformers():
+    """Import ``transformers`` (offline), silencing torch's import-time notes
+    about pytree registrations, which are not about this course."""
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+    import transformers
+
+    return transformers
+
+
 def bert_config(spec: BertSpec, vocab_size: int, num_labels: int, max_len: int):
     """A ``transformers.BertConfig`` for ``spec`` (eager attention, so that
     attention probabilities can be returned)."""
-    from transformers import BertConfig
+    BertConfig = _transformers().BertConfig
 
     return BertConfig(
         vocab_size=vocab_size, hidden_size=spec.hidden, num_hidden_layers=spec.layers,
@@ -660,6 +671,7 @@ def two_stage(
     task_targets: TeacherTargets | None = None,
     general: str = "tinybert",
     layer_map=None,
+    layer_kwargs: dict | None = None,
     task_kwargs: dict | None = None,
     keep_model: bool = False,
     progress: bool = True,
@@ -674,6 +686,9 @@ def two_stage(
        :class:`LayerDistill` with the prediction layer (``task_kwargs`` are
        passed to it), keeping the stage-1 projections.
 
+    ``layer_kwargs`` go to both :class:`LayerDistill` stages (e.g. your own
+    ``hidden_loss`` and ``attention_loss``).
+
     The test accuracy is measured after the last epoch of stage 2.
     """
     if general not in ("tinybert", "distilbert"):
@@ -684,7 +699,8 @@ def two_stage(
     student = build(spec, data, mlm_head=(general == "distilbert"))
     t0 = time.perf_counter()
     if general == "tinybert":
-        stage1 = LayerDistill(teacher, student, layer_map=layer_map, w_prediction=0.0, targets=general_targets)
+        stage1 = LayerDistill(teacher, student, layer_map=layer_map, w_prediction=0.0, targets=general_targets,
+                              **(layer_kwargs or {}))
         projections = stage1.projections
     else:
         stage1 = DistilBertObjective(teacher, student, seed=seed)
@@ -692,7 +708,7 @@ def two_stage(
     h1 = fit(student, data.general, stage1, epochs=general_epochs, lr=lr, batch_size=batch_size, seed=seed,
              progress=progress, desc=f"{name} general s{seed}")
     stage2 = LayerDistill(teacher, student, layer_map=layer_map, targets=task_targets, projections=projections,
-                          **(task_kwargs or {}))
+                          **{**(layer_kwargs or {}), **(task_kwargs or {})})
     h2 = fit(student, data.train, stage2, epochs=task_epochs, lr=lr, batch_size=batch_size, val=data.val, seed=seed,
              progress=progress, desc=f"{name} task s{seed}")
     return _run(name, seed, student, data, [h1, h2], time.perf_counter() - t0, keep_model)
@@ -753,3 +769,86 @@ def progressive(
                          val=data.val, seed=seed, progress=progress, desc=f"{name} final s{seed}"))
     return _run(name, seed, student, data, histories, time.perf_counter() - t0, keep_model)
 
+
+
+# --------------------------------------------------------------------------
+# The lab's comparison (used by the notebook and the benchmark)
+# --------------------------------------------------------------------------
+
+RECIPES = ("scratch", "prediction-only KD", "intermediate-layer KD", "two-stage KD")
+
+
+def teacher_targets(teacher: TextTransformer, data: text.TextData, layer_map: Sequence[int]) -> dict:
+    """:class:`TeacherTargets` for ``data.train`` and ``data.general`` at the
+    embeddings and the mapped layers."""
+    hidden, att = [0] + list(layer_map), list(layer_map)
+    return {"train": TeacherTargets.compute(teacher, data.train, hidden, att),
+            "general": TeacherTargets.compute(teacher, data.general, hidden, att) if len(data.general) else None}
+
+
+def compare(teacher: TextTransformer, data: text.TextData, cfg: LabConfig, seeds: Sequence[int], *,
+            layer_map=None, hidden_loss: Callable | None = None, attention_loss: Callable | None = None,
+            targets: dict | None = None, recipes: Sequence[str] = RECIPES, keep_model: bool = False,
+            progress: bool = True) -> dict[str, list]:
+    """Train the student of ``cfg`` with each recipe over ``seeds``; returns
+    ``{recipe: [runs.Run, ...]}`` (test accuracy after the last epoch).
+
+    * ``scratch`` — cross-entropy on ``data.train``;
+    * ``prediction-only KD`` — :class:`kdcourse.train.Distill` (``cfg.T``, ``cfg.alpha``);
+    * ``intermediate-layer KD`` — :class:`LayerDistill` (embedding, hidden,
+      attention and prediction layer) on ``data.train``;
+    * ``two-stage KD`` — :func:`two_stage`: general distillation on
+      ``data.general`` (``cfg.general_epochs``), then the above.
+
+    Every student gets ``cfg.student_epochs`` task epochs. ``layer_map``,
+    ``hidden_loss`` and ``attention_loss`` default to the reference ones.
+    """
+    unknown = set(recipes) - set(RECIPES)
+    if unknown:
+        raise ValueError(f"unknown recipes {sorted(unknown)}; choose from {RECIPES}")
+    probe = build(cfg.student, data)
+    lm = layer_map(probe.num_layers, teacher.num_layers) if callable(layer_map) else layer_map
+    lm = tl._check_layer_map(lm if lm is not None else tl.uniform_layer_map(probe.num_layers, teacher.num_layers),
+                             probe.num_layers, teacher.num_layers)
+    targets = targets or teacher_targets(teacher, data, lm)
+    losses = {k: v for k, v in (("hidden_loss", hidden_loss), ("attention_loss", attention_loss)) if v is not None}
+    common = dict(build=lambda: build(cfg.student, data), data=data, epochs=cfg.student_epochs, lr=cfg.lr,
+                  batch_size=cfg.batch_size, keep_model=keep_model, progress=progress)
+    out = {}
+    for name in recipes:
+        if name == "scratch":
+            out[name] = runs.repeat(name, seeds, **common)
+        elif name == "prediction-only KD":
+            out[name] = runs.repeat(name, seeds, objective=lambda: Distill(teacher, T=cfg.T, alpha=cfg.alpha), **common)
+        elif name == "intermediate-layer KD":
+            out[name] = runs.repeat(name, seeds, objective=lambda: LayerDistill(
+                teacher, probe, layer_map=lm, targets=targets["train"], T=cfg.T, alpha=cfg.alpha, **losses), **common)
+        else:
+            out[name] = [two_stage(name, teacher, data, cfg.student, seed=s, general_epochs=cfg.general_epochs,
+                                   task_epochs=cfg.student_epochs, lr=cfg.lr, batch_size=cfg.batch_size,
+                                   general_targets=targets["general"], task_targets=targets["train"], layer_map=lm,
+                                   layer_kwargs=losses, task_kwargs=dict(T=cfg.T, alpha=cfg.alpha),
+                                   keep_model=keep_model, progress=progress) for s in seeds]
+    return out
+
+
+def size_and_speed(teacher: TextTransformer, student: TextTransformer, input_ids: torch.Tensor, repeats: int = 30,
+                   warmup: int = 5, threads: int | None = None, rounds: int = 1) -> dict:
+    """Parameters (with and without embeddings) and CPU latency of both models
+    on one batch; with ``rounds > 1`` the two are timed alternately that many
+    times and the medians of the per-round p50s (and of their ratios) are kept."""
+    lt, ls, ratio = [], [], []
+    for _ in range(rounds):
+        a = latency(teacher, input_ids, repeats, warmup, threads)
+        b = latency(student, input_ids, repeats, warmup, threads)
+        lt.append(a["p50_ms"])
+        ls.append(b["p50_ms"])
+        ratio.append(a["p50_ms"] / b["p50_ms"])
+    return {
+        "params": (count_params(teacher), count_params(student)),
+        "params_no_embeddings": (count_params(teacher, embeddings=False), count_params(student, embeddings=False)),
+        "p50_ms": (statistics.median(lt), statistics.median(ls)),
+        "speedup": statistics.median(ratio),
+        "batch": tuple(input_ids.shape), "threads": a["threads"], "repeats": repeats, "warmup": warmup,
+        "rounds": rounds,
+    }
