@@ -325,3 +325,11 @@ def test_significance_readout():
     row = sd.compare_row(c, b, anchor="paper: 1 → 2")
     assert row["reading"] == "gain above noise" and row["Δ vs scratch (points)"] == "+10.00" and row["seeds"] == 3
     assert sd.compare_row(b, b)["reading"] == "baseline"
+
+
+def test_benchmark_prints_epoch_ratios_in_smoke(capsys):
+    from kdcourse.benchmarks import lab4
+
+    assert lab4.main("smoke", repeats=1, only=("epoch",)) == 0
+    out = capsys.readouterr().out
+    assert "mutual learning (2 peers)" in out and "ratio to labels only 1.00" in out
