@@ -20,9 +20,11 @@ Four methods, each a few lines on top of the one loop (:func:`kdcourse.train.fit
   members' logits (``mode="logits"``) or their probabilities at a
   temperature (``mode="probs"``) and can be passed to ``Distill``.
 
-    gens = run_born_again(profile.student, ds, seeds=(0, 1, 2), temperatures=(4, 4), alpha=0.5,
-                          epochs=10, lr=3e-3)
+    lab = settings(profile)
+    gens = run_born_again(lab.network, ds, seeds=profile.seeds, temperatures=(1.0, 1.0), alpha=lab.alpha,
+                          epochs=lab.epochs, lr=lab.lr)
     runs.show_table(gens.table_rows())
+    print(significance(gens.generation(2), gens.generation(1)))
 """
 from __future__ import annotations
 
@@ -57,12 +59,14 @@ def summary_of(name: str, values: Sequence[float], params: int | None = None) ->
 
 
 def verdict(better: runs.Summary, worse: runs.Summary) -> str:
-    """"gain above noise", "loss above noise" or "within seed-to-seed noise".
+    """Say whether ``better`` differs from ``worse`` beyond the seed noise:
+    "gain above noise", "loss above noise" or "within seed-to-seed noise".
 
     The rule is |Welch t| >= 2 (:func:`kdcourse.runs.welch_t`). With 3 seeds
     a side that is lenient — the 5 % two-sided threshold is about 2.8 to 4.3
-    depending on the degrees of freedom — so "within noise" is a firm
-    statement and "above noise" a first indication, not a proof. A summary
+    depending on the degrees of freedom — so "within noise" means these
+    runs cannot tell the two apart, and "above noise" is a first
+    indication, not a proof. A summary
     of one run has no spread of its own: it is compared with twice the
     other side's standard deviation and said to be one seed.
     """
@@ -332,8 +336,8 @@ class DeepSupervision(nn.Module):
             forward hooks on the submodules named in ``exits``.
         exits: names of intermediate layers (``backbone.get_submodule(name)``
             or keys of its features dict), shallow to deep.
-        width: channels of each head's bottleneck (default: the width of the
-            backbone's last feature map).
+        width: channels of each head's bottleneck (default: the widest
+            feature map among the backbone's measured features).
         example_input: an input shape used once to measure the features' sizes.
     """
 
@@ -404,7 +408,7 @@ def _first_device(model: nn.Module) -> torch.device:
 
 class ExitDistillation(Objective):
     """Train a :class:`DeepSupervision` model: the deepest head teaches the
-    shallow ones (BYOT, Zhang et al. 2019, eq. 1-3, without its feature-hint
+    shallow ones (BYOT, Zhang et al. 2019, without its feature-hint
     term)::
 
         loss = CE(z_final, y)

@@ -1,5 +1,5 @@
 """Mutual-learning and ensemble losses against a NumPy float64 oracle written
-from the DML paper (Zhang et al. 2018, eq. 10), gradcheck, golden values and
+from the DML paper (Zhang et al. 2018), gradcheck, golden values and
 properties."""
 import math
 

@@ -4,7 +4,7 @@ Notation: ``K`` models (peers or teachers) give logits ``z_1 .. z_K``, each
 (N, C); ``p_k^T = softmax(z_k / T)``; ``y`` are the labels (N,).
 
 Deep mutual learning (Zhang, Xiang, Hospedales & Lu, "Deep Mutual Learning",
-CVPR 2018, arXiv:1706.00384, eq. 9-10). Every peer learns from the labels
+CVPR 2018, arXiv:1706.00384). Every peer learns from the labels
 and from each of the other peers::
 
     L_k   = (1 - alpha) * CE(z_k, y)
