@@ -136,6 +136,16 @@ def _threads_of(model, threads: int | None) -> int:
     return DEFAULT_THREADS if threads is None else threads
 
 
+def _eval(model) -> None:
+    """Eval mode for an ``nn.Module``; modules captured by ``torch.export``
+    refuse ``.eval()`` (they were captured in eval mode already)."""
+    if isinstance(model, nn.Module):
+        try:
+            model.eval()
+        except NotImplementedError:
+            pass
+
+
 def _time_calls(model, args, runs: int, warmup: int) -> list[float]:
     with torch.inference_mode():
         for _ in range(warmup):
@@ -168,8 +178,7 @@ def measure_latency(model: Callable, example, *, runs: int = 100, warmup: int = 
             raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
     args = _as_args(example)
     n_threads = _threads_of(model, threads)
-    if isinstance(model, nn.Module):
-        model.eval()
+    _eval(model)
     reps = []
     with num_threads(n_threads):
         for _ in range(repeats):
@@ -401,8 +410,8 @@ def export_onnx(model: nn.Module, example, path: str, *, input_names: Sequence[s
             shapes.append(dims or None)
         shapes = tuple(shapes)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    model.eval()
-    with _quiet(), contextlib.redirect_stdout(open(os.devnull, "w")):
+    _eval(model)
+    with _quiet(), open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
         torch.onnx.export(model, args, path, dynamo=True, external_data=False, input_names=list(input_names),
                           output_names=list(output_names), dynamic_shapes=shapes, verbose=False)
     return path
@@ -565,9 +574,10 @@ def seed_recipe_dynamic(model: nn.Module) -> nn.Module:
 # --------------------------------------------------------------------------
 
 
-def save_exported(model: nn.Module, example, path: str, strict: bool = True) -> str:
+def save_exported(model: nn.Module, example, path: str, strict: bool = False) -> str:
     """``torch.export.export`` the model and save the program to ``path`` (.pt2)."""
-    ep = torch.export.export(model.eval(), _as_args(example), strict=strict)
+    _eval(model)
+    ep = torch.export.export(model, _as_args(example), strict=strict)
     torch.export.save(ep, path)
     return path
 
@@ -614,7 +624,8 @@ def quantize_pt2e(model: nn.Module, example, calibration: Iterable) -> nn.Module
         raise ValueError("calibration is empty: pass a list of input batches, e.g. calibration_batches(data.train)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ep = torch.export.export(model.eval(), _as_args(example), strict=True)
+        _eval(model)
+        ep = torch.export.export(model, _as_args(example), strict=True)
         quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
         prepared = prepare_pt2e(ep.module(), quantizer)
         # The program is exported for the example's batch size: feed the
@@ -667,8 +678,7 @@ def agreement(logits: torch.Tensor, reference_logits: torch.Tensor) -> float:
 @torch.no_grad()
 def predict(model: Callable, split, batch_size: int = 256) -> torch.Tensor:
     """Logits (N, C) of ``model`` on every sample of ``split`` (in order)."""
-    if isinstance(model, nn.Module):
-        model.eval()
+    _eval(model)
     return torch.cat([model(b.x).float().cpu() for b in split.batches(batch_size)])
 
 

@@ -267,6 +267,10 @@ def test_torch_export_artefact_reloads_with_same_predictions(cnn, tmp_path):
     reloaded = deploy.load_exported(path)
     with torch.no_grad():
         assert torch.allclose(reloaded(x), cnn(x), atol=1e-6)
+    # the package's helpers take the reloaded program too (it refuses .eval())
+    ds = data.shapes(8, 4, 4, seed=0)
+    assert torch.allclose(deploy.predict(reloaded, ds.test, batch_size=4), deploy.predict(cnn, ds.test), atol=1e-5)
+    assert deploy.measure_latency(reloaded, x, runs=2, warmup=1).runs == 2
     with pytest.raises(ValueError, match="no file"):
         deploy.load_exported(str(tmp_path / "nothing.pt2"))
 
