@@ -48,8 +48,13 @@ def _record(args) -> int:
     from .notebooks import execute
 
     for path in args.files:
-        nb = execute(path, profile="smoke", cwd=os.path.dirname(os.path.abspath(path)))
-        labgen.write(labgen.strip(nb, keep_checked=True), path)
+        original = labgen.read(path)
+        executed = execute(path, profile="smoke", cwd=os.path.dirname(os.path.abspath(path)))
+        outputs = {labgen.source(c): c.get("outputs", []) for c in executed["cells"] if c["cell_type"] == "code"}
+        for cell in original["cells"]:
+            if cell["cell_type"] == "code" and labgen.CHECK_MARK in labgen.source(cell):
+                cell["outputs"] = outputs[labgen.source(cell)]
+        labgen.write(labgen.strip(original, keep_checked=True), path)
         print(f"recorded checked outputs of {path}")
     return 0
 

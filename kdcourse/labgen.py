@@ -82,6 +82,9 @@ def student_cell(cell, where: str = "cell"):
 
 
 def clear_outputs(cell, keep_checked: bool) -> None:
+    meta = cell.get("metadata", {})
+    for key in ("execution", "collapsed", "scrolled", "papermill", "lines_to_next_cell"):
+        meta.pop(key, None)
     if cell["cell_type"] != "code":
         cell.pop("outputs", None)
         cell.pop("execution_count", None)
@@ -92,9 +95,6 @@ def clear_outputs(cell, keep_checked: bool) -> None:
     for out in cell.get("outputs", []):
         if "execution_count" in out:
             out["execution_count"] = None
-    meta = cell.get("metadata", {})
-    for key in ("execution", "collapsed", "scrolled", "papermill"):
-        meta.pop(key, None)
 
 
 def strip(nb: dict, keep_checked: bool = True) -> dict:
@@ -103,7 +103,7 @@ def strip(nb: dict, keep_checked: bool = True) -> dict:
     nb = copy.deepcopy(nb)
     for cell in nb["cells"]:
         clear_outputs(cell, keep_checked)
-    for key in ("widgets", "papermill", "execution"):
+    for key in ("widgets", "papermill", "execution", "kdcourse_seconds"):
         nb.get("metadata", {}).pop(key, None)
     return nb
 
