@@ -42,16 +42,50 @@ from .losses.response import kd_loss
 from .train import Objective, StepOutput, TrainState, freeze, scheduled
 
 # --------------------------------------------------------------------------
+# Lab 2 knobs, keyed by profile name
+# --------------------------------------------------------------------------
+
+#: Loss weights from RepDistiller's CIFAR-100 scripts (Tian et al. 2020,
+#: ``scripts/run_cifar_distill.sh``: FitNet -b 100, AT -b 1000, SP -b 3000,
+#: RKD -b 1 with 25 x distance + 50 x angle inside, CRD -b 0.8), used as
+#: published — not tuned on this course's data.
+REPDISTILLER_WEIGHTS = {"hint": 100.0, "at": 1000.0, "sp": 3000.0, "rkd_distance": 25.0, "rkd_angle": 50.0, "crd": 0.8}
+
+LAB2 = {
+    # n_train: the students' transfer set is the first n_train images of
+    # data.train (None: all of it); epochs: every student run of the lab;
+    # sweep_seeds: how many of profile.seeds a one-seed-per-point sweep uses;
+    # det_*: the toy detector (images, epochs).
+    "smoke": dict(n_train=None, epochs=2, sweep_seeds=1, det_train=128, det_test=64, det_epochs=1, det_teacher_epochs=1),
+    "laptop": dict(n_train=2000, epochs=8, sweep_seeds=1, det_train=1500, det_test=500, det_epochs=8, det_teacher_epochs=8),
+    "full": dict(n_train=None, epochs=30, sweep_seeds=1, det_train=8000, det_test=2000, det_epochs=20, det_teacher_epochs=20),
+}
+
+
+def lab_settings(profile) -> dict:
+    """Lab 2's knobs for ``profile`` (its ``extra["lab2"]`` dict overrides them)."""
+    if profile.name not in LAB2:
+        raise ValueError(f"no Lab 2 settings for profile {profile.name!r}; known: {sorted(LAB2)}")
+    cfg = dict(LAB2[profile.name], weights=dict(REPDISTILLER_WEIGHTS))
+    cfg.update(profile.extra.get("lab2", {}))
+    return cfg
+
+
+# --------------------------------------------------------------------------
 # Teacher outputs, computed once per (teacher, split, layers)
 # --------------------------------------------------------------------------
 
 _MEMO: "OrderedDict[tuple, tuple]" = OrderedDict()
-_MEMO_SIZE = 4
+_MEMO_SIZE = 16  # cached (teacher, split, layer) entries
 
 
 def clear_teacher_cache() -> None:
-    """Forget every cached teacher pass (they are also evicted LRU, 4 kept)."""
+    """Forget every cached teacher output (entries are also evicted LRU)."""
     _MEMO.clear()
+
+
+def _memo_key(teacher, split, name, size):
+    return (id(teacher), id(split.images), len(split), name, size)
 
 
 @torch.no_grad()
@@ -60,32 +94,37 @@ def teacher_outputs(teacher: nn.Module, split: Split, names: Sequence[str], size
     """Logits (N, C) and ``{name: (N, ...)}`` features of ``teacher`` on every
     sample of ``split`` (in order, eval mode). A 4-D feature is average-pooled
     to ``sizes[name] = (H, W)`` when given and smaller than its own size.
-    Memoised on (teacher, split, names, sizes)."""
-    names = tuple(names)
-    sizes = dict(sizes or {})
-    key = (id(teacher), id(split.images), len(split), names, tuple(sorted(sizes.items())))
-    if key in _MEMO:
-        _MEMO.move_to_end(key)
-        return _MEMO[key][2]
-    was_training = teacher.training
-    teacher.eval()
-    dev = next(teacher.parameters()).device
-    logits, feats = [], {n: [] for n in names}
-    for b in split.batches(batch_size, device=dev):
-        out, f = fx.extract(teacher, b.x, names, detach=True)
-        logits.append(out.float().cpu())
-        for n in names:
-            v = f[n]
-            if v.ndim == 4 and n in sizes and v.shape[-2] * v.shape[-1] > sizes[n][0] * sizes[n][1]:
-                v = F.adaptive_avg_pool2d(v, sizes[n])
-            feats[n].append(v.float().cpu())
-    teacher.train(was_training)
-    result = (torch.cat(logits), {n: torch.cat(v) for n, v in feats.items()})
-    # the key holds ids: keep the objects alive with the entry so no id is reused while it exists
-    _MEMO[key] = (teacher, split.images, result)
+
+    Memoised per (teacher, split, layer, size): the layers not cached yet are
+    computed together in one pass over the split, so objectives built on the
+    same teacher and split (a seed sweep, several methods) share the work.
+    """
+    sizes = {k: tuple(v) for k, v in (sizes or {}).items()}
+    wanted = [("__logits__", None)] + [(n, sizes.get(n)) for n in dict.fromkeys(names)]
+    missing = [(n, sz) for n, sz in wanted if _memo_key(teacher, split, n, sz) not in _MEMO]
+    if missing:
+        was_training = teacher.training
+        teacher.eval()
+        dev = next(teacher.parameters()).device
+        layer_names = [n for n, _ in missing if n != "__logits__"]
+        acc = {m: [] for m in missing}
+        for b in split.batches(batch_size, device=dev):
+            out, f = fx.extract(teacher, b.x, layer_names, detach=True) if layer_names else (teacher(b.x), {})
+            for n, sz in missing:
+                v = out if n == "__logits__" else f[n]
+                if v.ndim == 4 and sz is not None and v.shape[-2] * v.shape[-1] > sz[0] * sz[1]:
+                    v = F.adaptive_avg_pool2d(v, sz)
+                acc[(n, sz)].append(v.float().cpu())
+        teacher.train(was_training)
+        for (n, sz), chunks in acc.items():
+            # the key holds ids: keep the objects alive with the entry so no id is reused while it exists
+            _MEMO[_memo_key(teacher, split, n, sz)] = (teacher, split.images, torch.cat(chunks))
+    for n, sz in wanted:
+        _MEMO.move_to_end(_memo_key(teacher, split, n, sz))
     while len(_MEMO) > _MEMO_SIZE:
         _MEMO.popitem(last=False)
-    return result
+    get = lambda n, sz: _MEMO[_memo_key(teacher, split, n, sz)][2]  # noqa: E731
+    return get("__logits__", None), {n: get(n, sz) for n, sz in wanted[1:]}
 
 
 # --------------------------------------------------------------------------
@@ -133,6 +172,8 @@ def _device(model: nn.Module) -> torch.device:
 @torch.no_grad()
 def _probe(model: nn.Module, x: torch.Tensor, names: Sequence[str]) -> dict:
     """Shapes of the named features for a tiny batch (eval mode, restored)."""
+    if not names:
+        return {}
     was = model.training
     model.eval()
     _, f = fx.extract(model, x, list(dict.fromkeys(names)), detach=True)

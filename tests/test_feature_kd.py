@@ -131,3 +131,18 @@ def test_objective_errors():
     ds = data.shapes(n_train=8, n_val=4, n_test=4, seed=1)
     with pytest.raises(ValueError, match="fc:input"):
         CRDDistill(teacher, student_layer="layer3", teacher_layer="layer3").setup(SmallCNN((4, 8, 16)), ds.train)
+
+
+def test_response_only_equals_distill(ds):
+    from kdcourse.train import Distill
+
+    feature_kd.clear_teacher_cache()
+    teacher, student = models_()
+    batch = next(ds.train.batches(16))
+    student.eval()
+    obj = FeatureDistill(teacher, [], T=4.0, alpha=0.9)
+    obj.setup(student, ds.train)
+    ref = Distill(teacher, T=4.0, alpha=0.9)
+    ref.setup(student, ds.train)
+    a, b = obj(student, batch, TrainState()).loss, ref(student, batch, TrainState()).loss
+    assert float(a.detach()) == pytest.approx(float(b.detach()), rel=1e-5)
