@@ -1,0 +1,119 @@
+"""Lab 2 figures: what hooks cost, what each distillation objective costs per
+epoch relative to plain training, what the teacher cache saves, and the
+training time the lab's plan adds up to.
+
+    python -m kdcourse bench lab2 --profile laptop --repeats 3
+
+Timings are medians over ``repeats``; ratios are taken within one run of
+this command (same machine, same moment). The teacher is untrained here: its
+weights do not change the cost.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from .. import data, models, runtime
+from .. import features as fx
+from ..feature_kd import CRDDistill, FeatureDistill, Term, clear_teacher_cache, lab_settings
+from ..losses import feature, relation
+from ..profiles import get_profile
+from ..train import fit, freeze
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def objectives(teacher, weights: dict) -> dict:
+    """The lab's methods (name -> zero-argument factory; None = cross-entropy)."""
+    return {
+        "scratch": None,
+        "response (KD)": lambda: FeatureDistill(teacher, [], T=4.0, alpha=0.9),
+        "FitNets (layer2)": lambda: FeatureDistill(teacher, [Term("layer2", "layer2", feature.hint_loss, weights["hint"])]),
+        "AT (3 stages)": lambda: FeatureDistill(teacher, [Term(f"layer{i}", f"layer{i}", feature.attention_transfer_loss,
+                                                                weights["at"]) for i in (1, 2, 3)]),
+        "SP (layer3)": lambda: FeatureDistill(teacher, [Term("layer3", "layer3", relation.similarity_preserving, weights["sp"])]),
+        "RKD (d + a)": lambda: FeatureDistill(teacher, [Term("fc:input", "fc:input", relation.rkd_distance, weights["rkd_distance"]),
+                                                        Term("fc:input", "fc:input", relation.rkd_angle, weights["rkd_angle"])]),
+        "CRD (simplified)": lambda: CRDDistill(teacher, weight=weights["crd"]),
+    }
+
+
+# runs of each method in the lab notebook, per seed of profile.seeds (the layer sweep adds 2 one-seed runs)
+LAB_RUNS_PER_SEED = {"scratch": 1, "response (KD)": 1, "FitNets (layer2)": 2, "AT (3 stages)": 1, "SP (layer3)": 1,
+                     "RKD (d + a)": 1, "CRD (simplified)": 1}
+
+
+def main(profile: str = "laptop", repeats: int = 3) -> int:
+    prof = get_profile(profile)
+    cfg = lab_settings(prof)
+    repeats = max(1, int(repeats))
+    t0 = time.perf_counter()
+    ds = data.load(prof)
+    train = ds.train if cfg["n_train"] is None else ds.train.subset(torch.arange(min(cfg["n_train"], len(ds.train))))
+    runtime.seed_everything(0)
+    dev = runtime.device()
+    teacher = freeze(models.build(prof.teacher, ds.num_classes).to(dev))
+    print(f"Lab 2 benchmark — profile {prof.name}, device {dev}, torch threads {torch.get_num_threads()}, "
+          f"repeats {repeats} (medians); data ready in {time.perf_counter() - t0:.1f} s")
+
+    # 1. hooks: what reading features costs
+    student = models.build(prof.student, ds.num_classes).to(dev).eval()
+    x = next(train.batches(prof.batch_size, device=dev)).x
+    names = ["layer1", "layer2", "layer3", "fc:input"]
+    with torch.no_grad():
+        plain = _median_seconds(lambda: [student(x) for _ in range(10)], repeats) / 10
+        own = _median_seconds(lambda: [student(x, return_features=True) for _ in range(10)], repeats) / 10
+        hooked = _median_seconds(lambda: [fx.extract(student, x, names) for _ in range(10)], repeats) / 10
+    print(f"\n1. forward pass of the student, batch {x.shape[0]}: plain {1e3 * plain:.2f} ms, "
+          f"return_features {1e3 * own:.2f} ms ({own / plain:.2f}x), 4 hooks {1e3 * hooked:.2f} ms ({hooked / plain:.2f}x)")
+
+    # 2. one epoch per objective (teacher outputs cached and shared, as in the lab)
+    clear_teacher_cache()
+    t1 = time.perf_counter()
+    FeatureDistill(teacher, [Term(n, n, relation.rkd_distance) for n in names], alpha=0.9).setup(
+        models.build(prof.student, ds.num_classes).to(dev), train)
+    cache_s = time.perf_counter() - t1
+    print(f"\n2. teacher pass over the {len(train)} training images (logits + 4 layers, cached once): {cache_s:.1f} s")
+    warm = models.build(prof.student, ds.num_classes)  # first fit() pays one-time imports (optimizer machinery)
+    fit(warm, train.subset(torch.arange(min(8, len(train)))), epochs=1, lr=prof.lr, batch_size=8, progress=False)
+    per_epoch = {}
+    for name, make in objectives(teacher, cfg["weights"]).items():
+        def one_epoch(make=make):
+            runtime.seed_everything(0)
+            m = models.build(prof.student, ds.num_classes)
+            fit(m, train, make() if make else None, epochs=1, lr=prof.lr, batch_size=prof.batch_size, progress=False)
+        per_epoch[name] = _median_seconds(one_epoch, repeats)
+    base = per_epoch["scratch"]
+    print(f"   {'objective':<18} {'s / epoch':>10} {'x scratch':>10}")
+    for name, sec in per_epoch.items():
+        print(f"   {name:<18} {sec:>10.2f} {sec / base:>10.2f}")
+
+    # 3. the same FitNets epoch with the teacher run live (augmented split: no cache possible)
+    def live_epoch():
+        runtime.seed_everything(0)
+        m = models.build(prof.student, ds.num_classes)
+        fit(m, train.with_augment(True), objectives(teacher, cfg["weights"])["FitNets (layer2)"](), epochs=1,
+            lr=prof.lr, batch_size=prof.batch_size, progress=False)
+    live = _median_seconds(live_epoch, repeats)
+    cached = per_epoch["FitNets (layer2)"]
+    print(f"\n3. FitNets epoch with the teacher run live (augmentation on): {live:.2f} s = "
+          f"{live / cached:.2f}x the cached epoch ({cached:.2f} s)")
+
+    # 4. what the lab's plan of runs adds up to
+    seeds = len(prof.seeds)
+    total = sum(per_epoch[n] * k * seeds * cfg["epochs"] for n, k in LAB_RUNS_PER_SEED.items())
+    total += 2 * per_epoch["FitNets (layer2)"] * cfg["epochs"] * cfg["sweep_seeds"]
+    n_runs = sum(LAB_RUNS_PER_SEED.values()) * seeds + 2 * cfg["sweep_seeds"]
+    print(f"\n4. the lab trains {n_runs} students x {cfg['epochs']} epochs on {len(train)} images: "
+          f"about {total:.0f} s of training on this machine (+ teacher pass {cache_s:.0f} s, data, the toy detector)")
+    print(f"\nbenchmark wall time {time.perf_counter() - t0:.0f} s")
+    return 0
