@@ -55,10 +55,12 @@ LAB2 = {
     # n_train: the students' transfer set is the first n_train images of
     # data.train (None: all of it); epochs: every student run of the lab;
     # sweep_seeds: how many of profile.seeds a one-seed-per-point sweep uses;
-    # det_*: the toy detector (images, epochs).
-    "smoke": dict(n_train=None, epochs=2, sweep_seeds=1, det_train=128, det_test=64, det_epochs=1, det_teacher_epochs=1),
-    "laptop": dict(n_train=2000, epochs=8, sweep_seeds=1, det_train=1500, det_test=500, det_epochs=8, det_teacher_epochs=8),
-    "full": dict(n_train=None, epochs=30, sweep_seeds=1, det_train=8000, det_test=2000, det_epochs=20, det_teacher_epochs=20),
+    # crd_k: CRD negatives per anchor (the paper: 16384; each costs a
+    # (B, dim) gather per step, so a CPU lab uses fewer); det_*: the toy
+    # detector (images, epochs).
+    "smoke": dict(n_train=None, epochs=2, sweep_seeds=1, crd_k=64, det_train=128, det_test=64, det_epochs=1, det_teacher_epochs=1),
+    "laptop": dict(n_train=2000, epochs=8, sweep_seeds=1, crd_k=512, det_train=1500, det_test=500, det_epochs=8, det_teacher_epochs=8),
+    "full": dict(n_train=None, epochs=30, sweep_seeds=1, crd_k=4096, det_train=8000, det_test=2000, det_epochs=20, det_teacher_epochs=20),
 }
 
 

@@ -32,7 +32,7 @@ def _median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def objectives(teacher, weights: dict) -> dict:
+def objectives(teacher, weights: dict, crd_k: int = 4096) -> dict:
     """The lab's methods (name -> zero-argument factory; None = cross-entropy)."""
     return {
         "scratch": None,
@@ -43,7 +43,7 @@ def objectives(teacher, weights: dict) -> dict:
         "SP (layer3)": lambda: FeatureDistill(teacher, [Term("layer3", "layer3", relation.similarity_preserving, weights["sp"])]),
         "RKD (d + a)": lambda: FeatureDistill(teacher, [Term("fc:input", "fc:input", relation.rkd_distance, weights["rkd_distance"]),
                                                         Term("fc:input", "fc:input", relation.rkd_angle, weights["rkd_angle"])]),
-        "CRD (simplified)": lambda: CRDDistill(teacher, weight=weights["crd"]),
+        "CRD (simplified)": lambda: CRDDistill(teacher, weight=weights["crd"], k=crd_k),
     }
 
 
@@ -86,7 +86,7 @@ def main(profile: str = "laptop", repeats: int = 3) -> int:
     warm = models.build(prof.student, ds.num_classes)  # first fit() pays one-time imports (optimizer machinery)
     fit(warm, train.subset(torch.arange(min(8, len(train)))), epochs=1, lr=prof.lr, batch_size=8, progress=False)
     per_epoch = {}
-    for name, make in objectives(teacher, cfg["weights"]).items():
+    for name, make in objectives(teacher, cfg["weights"], cfg["crd_k"]).items():
         def one_epoch(make=make):
             runtime.seed_everything(0)
             m = models.build(prof.student, ds.num_classes)
