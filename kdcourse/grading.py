@@ -397,15 +397,28 @@ class Result:
         return sum(s.max_points for s in self.scores)
 
 
-def _key(cell) -> str:
-    return cell.get("id") or ("src:" + labgen.source(cell).strip())
+def structure_notes(lab: dict, submission: dict, exercises_: list | None = None) -> list[str]:
+    """Cells of the lab that are missing, added or moved in a submission.
 
+    Cells are matched by id (JupyterLab keeps them) or, when the submission
+    has no ids, by source; an exercise cell matches the submission's cell
+    that defines the exercise's function, however it was edited."""
+    exercises_ = exercises_ or []
+    by_index = {e.cell_index: e for e in exercises_}
+    use_ids = all(c.get("id") for c in submission["cells"]) and all(c.get("id") for c in lab["cells"])
 
-def structure_notes(lab: dict, submission: dict) -> list[str]:
-    """Cells of the lab that are missing, added or moved in a submission
-    (matched by cell id, or by source when a notebook has no ids)."""
-    lab_keys = [_key(c) for c in lab["cells"]]
-    sub_keys = [_key(c) for c in submission["cells"]]
+    def key(cell, i=None, in_lab=False):
+        if in_lab and i in by_index:
+            return "ex:" + by_index[i].name
+        if not in_lab and cell.get("cell_type") == "code":
+            defined = set(_defined_functions(labgen.source(cell)))
+            for e in exercises_:
+                if defined & set(e.functions):
+                    return "ex:" + e.name
+        return cell["id"] if use_ids else "src:" + labgen.source(cell).strip()
+
+    lab_keys = [key(c, i, True) for i, c in enumerate(lab["cells"])]
+    sub_keys = [key(c) for c in submission["cells"]]
     lab_set, sub_set = set(lab_keys), set(sub_keys)
     notes = []
     missing = [i for i, k in enumerate(lab_keys) if k not in sub_set]
@@ -542,7 +555,7 @@ def grade_notebook(lab: Lab, path: str, options: Options, student: str | None = 
         os.makedirs(work)
         shutil.copyfile(path, os.path.join(work, os.path.basename(path)))
         before = _tree_state(work)
-        notes = structure_notes(lab.lab, submission)
+        notes = structure_notes(lab.lab, submission, lab.exercises)
         order, where = plan(lab, submission, options)
         for e in lab.exercises:
             if len(where[e.name]) > 1:

@@ -35,7 +35,8 @@ import time
 from . import labgen
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-_BORING = re.compile(r"^(<Figure size [^>]*>|<matplotlib\.[^>]*>|\[<matplotlib\.[^\]]*\]|Text\(.*\)|None)$", re.S)
+# reprs that are not results: figures, artists, and the True a passing check returns
+_BORING = re.compile(r"^(<Figure size [^>]*>|<matplotlib\.[^>]*>|\[<matplotlib\.[^\]]*\]|Text\(.*\)|None|True)$", re.S)
 _WIDGET = "application/vnd.jupyter.widget-view+json"
 
 
@@ -55,7 +56,7 @@ def _text(value) -> str:
 
 def extract(nb: dict, name: str, figures_dir: str, link_prefix: str) -> list[dict]:
     """The measured outputs of an executed notebook, in order, each as
-    ``{"cell", "heading", "kind": "text"|"markdown"|"image"|"error", ...}``;
+    ``{"cell", "heading", "kind": "stream"|"text"|"markdown"|"image"|"error", ...}``;
     PNG images are written to ``figures_dir``."""
     items, heading = [], None
     # numbered as in the source notebook (papermill's injected parameters cell left out)
@@ -70,8 +71,14 @@ def extract(nb: dict, name: str, figures_dir: str, link_prefix: str) -> list[dic
         for out in cell.get("outputs", []):
             kind = out.get("output_type")
             if kind == "stream":
-                if out.get("name") == "stdout" and _text(out.get("text", "")).strip():
-                    items.append({"cell": i, "heading": heading, "kind": "text", "text": _text(out["text"]).rstrip()})
+                text = _text(out.get("text", ""))
+                if out.get("name") != "stdout" or not text.strip():
+                    continue
+                last = items[-1] if items else None
+                if last and last["cell"] == i and last["kind"] == "stream":  # one block per cell's printout
+                    last["text"] += text
+                else:
+                    items.append({"cell": i, "heading": heading, "kind": "stream", "text": text})
             elif kind in ("display_data", "execute_result"):
                 data = out.get("data", {})
                 if _WIDGET in data:
@@ -92,6 +99,9 @@ def extract(nb: dict, name: str, figures_dir: str, link_prefix: str) -> list[dic
             elif kind == "error":
                 items.append({"cell": i, "heading": heading, "kind": "error",
                               "text": f"{out.get('ename', 'Error')}: {_text(out.get('evalue', ''))}"})
+    for it in items:
+        if it["kind"] == "stream":
+            it["text"] = it["text"].strip("\n")
     return items
 
 
@@ -107,11 +117,12 @@ def _environment(profile: str) -> dict:
 
 
 def run_all(paths: list[str], profile: str, out_dir: str, timeout: int = 3600, cache: str | None = None,
-            log=print) -> dict:
+            log=None) -> dict:
     """Execute ``paths`` in ``profile``; write figures under ``out_dir`` and
     return the results (see :func:`write_report`)."""
     from .notebooks import execute
 
+    log = log or (lambda msg: print(msg, flush=True))
     results = {"environment": _environment(profile), "notebooks": []}
     env = {"KDCOURSE_PROFILE": profile, "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
     if cache:

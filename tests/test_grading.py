@@ -205,6 +205,15 @@ def test_structure_notes_report_deleted_added_and_reordered_cells():
     sub["cells"][2], sub["cells"][3] = sub["cells"][3], sub["cells"][2]
     notes = " ".join(grading.structure_notes(lab, sub))
     assert "1 lab cell(s) deleted (lab cells 4)" in notes and "1 cell(s) added" in notes and "reordered" in notes
+    # without cell ids (an old front end), cells match by source; edited exercise cells by what they define
+    ex = grading.exercises(sol)
+    no_ids = student_copy(sol)
+    for cell in no_ids["cells"]:
+        cell.pop("id", None)
+    no_ids["cells"][3]["source"] += "\n# my own comment"
+    assert grading.structure_notes(lab, no_ids, ex) == []
+    del no_ids["cells"][3]
+    assert grading.structure_notes(lab, no_ids, ex) == ["1 lab cell(s) deleted (lab cells 3)"]
 
 
 def test_load_lab_finds_the_solution_and_explains_what_is_missing(tmp_path):
