@@ -516,7 +516,7 @@ def _failure_hint(ex: Exercise, run: Run, where: dict, cell_errors: dict, stoppe
     if run.status in ("timeout", "flood"):
         return f"{kind} stopped: {run.evalue}"
     if run.status == "dead":
-        return f"not graded: {run.evalue}"
+        return f"not graded: {run.evalue}" if run.evalue.startswith("in cell") else f"{kind} stopped: {run.evalue}"
     if run.ename == "NotImplementedError":
         return f"not attempted: {ex.name} still raises NotImplementedError"
     missing_name = run.ename == "NameError" and any(f"'{f}'" in run.evalue for f in ex.functions)
@@ -584,10 +584,15 @@ def grade_notebook(lab: Lab, path: str, options: Options, student: str | None = 
                 elif run.status == "flood":
                     cell_errors[i] = run.evalue
                     notes.append(f"cell {i}: {run.evalue}")
-                elif run.status in ("timeout", "dead"):
+                elif run.status == "timeout":
                     stopped = f"cell {i} hit the notebook's time limit ({options.timeout:.0f} s); later cells were skipped"
-                    status = "time limit" if run.status == "timeout" else "kernel killed"
-                    notes.append(stopped if run.status == "timeout" else f"cell {i}: {run.evalue}")
+                    status = "time limit"
+                    notes.append(stopped)
+                    break
+                elif run.status == "dead":
+                    status = "kernel killed" if "killed" in run.evalue else "kernel died"
+                    kernel.dead_reason = f"in cell {i}, {run.evalue}"
+                    notes.append(f"cell {i}: {run.evalue}")
                     break
             notes[len(notes):len(notes)] = _error_notes(cell_errors)
             scores = []

@@ -324,6 +324,7 @@ def lab1_batch(tmp_path_factory):
                                "open(os.path.join('out', 'w.bin'), 'wb').write(bytes(100))\nopen('../up.txt', 'w').write('x')"),
         "floods": insert(good, imports_cell(good) + 1, "for _ in range(10**6):\n    print('spam ' * 40)"),
         "loop_forever": insert(good, after_params, "while True:\n    pass"),
+        "exits": insert(good, after_params, "import os\nos._exit(3)"),
         "loop_ignoring_interrupts": insert(good, after_params,
                            "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True:\n    time.sleep(0.05)"),
     }
@@ -421,6 +422,13 @@ def test_a_kernel_ignoring_interrupts_is_killed(lab1_batch):
 
 
 @pytest.mark.notebooks
+def test_a_kernel_that_exits(lab1_batch):
+    r = lab1_batch["exits"]
+    assert r["status"] == "kernel died" and r["total"] == "0"
+    assert r["soft_targets hint"].startswith("not graded: in cell ") and "the kernel died" in r["soft_targets hint"]
+
+
+@pytest.mark.notebooks
 def test_a_file_that_is_not_a_notebook(lab1_batch):
     r = lab1_batch["garbage"]
     assert r["status"] == "not a notebook" and r["total"] == "0"
@@ -430,7 +438,7 @@ def test_a_file_that_is_not_a_notebook(lab1_batch):
 def test_batch_completes_and_changes_nothing_outside_its_temporary_folders(lab1_batch):
     students = {k for k in lab1_batch if not k.startswith("__")}
     assert students == {"solution", "untouched", "no_T2", "raises", "deleted", "reordered", "writes_files", "floods",
-                        "loop_forever", "loop_ignoring_interrupts", "garbage"}
+                        "loop_forever", "loop_ignoring_interrupts", "exits", "garbage"}
     assert lab1_batch["__changed__"] is False  # submissions and the instructor's folder untouched
     assert lab1_batch["__temp_left__"] == set()  # every temporary folder removed
     assert lab1_batch["__grades__"] == ["01_classic_kd.csv", "01_classic_kd.md"]
