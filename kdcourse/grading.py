@@ -39,11 +39,12 @@ Robustness: the student's cells share one time limit (``--timeout``); a cell
 that overruns it is interrupted and the rest of the student's cells are
 skipped (checks still run); a kernel that ignores the interrupt is killed
 (its whole process group). A cell (or check) that prints more than
-``--max-output`` bytes is interrupted; outputs are counted, never kept. Deleted, added and reordered cells,
-errors and files written are recorded in the notes. Nothing outside the
-temporary folder is written except the two tables; the temporary folder is
-removed afterwards. This protects against accidents, not against a student
-who sets out to attack the grader's machine: run untrusted code in a
+``--max-output`` bytes is interrupted; outputs are counted, never kept.
+Deleted, added and reordered cells, errors and files written are recorded in
+the notes. Nothing outside the temporary folder is written except the two
+tables; the temporary folder is removed afterwards. This protects against
+accidents, not against a student who sets out to attack the grader's
+machine (an absolute path still reaches the disk): run untrusted code in a
 container.
 """
 from __future__ import annotations
@@ -56,6 +57,7 @@ import os
 import queue
 import re
 import shutil
+import sys
 import tempfile
 import textwrap
 import time
@@ -616,7 +618,22 @@ def grade_notebook(lab: Lab, path: str, options: Options, student: str | None = 
             notes.append("wrote files in its folder: " + ", ".join(written[:5]) + (" …" if len(written) > 5 else ""))
         return Result(student, path, scores, status, notes, time.monotonic() - t0)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
+
+
+def _remove(folder: str) -> None:
+    """Delete a temporary folder, even one whose permissions a notebook changed."""
+    def retry(func, path, _exc):
+        try:
+            os.chmod(os.path.dirname(path), 0o700)
+            os.chmod(path, 0o700)
+            func(path)
+        except OSError:
+            pass
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(folder, onexc=retry)
+    else:
+        shutil.rmtree(folder, onerror=retry)
 
 
 # --------------------------------------------------------------------------
@@ -638,17 +655,28 @@ def find_submissions(folder: str) -> list[tuple[str, str]]:
     return found
 
 
+def _grade_safely(lab: Lab, path: str, options: Options, student: str) -> Result:
+    """:func:`grade_notebook`, with any failure of the grader itself recorded
+    in the row instead of stopping the batch."""
+    try:
+        return grade_notebook(lab, path, options, student)
+    except Exception as exc:  # pragma: no cover - a bug in the grader, not in the notebook
+        scores = [Score(e.name, 0.0, e.points, "not graded: the grader failed on this notebook") for e in lab.exercises]
+        return Result(student, path, scores, "grader error", [f"{type(exc).__name__}: {_short(exc, 300)}"])
+
+
 def grade_folder(lab: Lab, folder: str, options: Options, jobs: int = 1, progress=None) -> list[Result]:
+    """Grade every notebook under ``folder`` (``jobs`` at a time), in order."""
     subs = find_submissions(folder)
     if jobs <= 1:
         results = []
         for student, path in subs:
-            results.append(grade_notebook(lab, path, options, student))
+            results.append(_grade_safely(lab, path, options, student))
             if progress:
                 progress(results[-1])
         return results
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = [pool.submit(grade_notebook, lab, path, options, student) for student, path in subs]
+        futures = [pool.submit(_grade_safely, lab, path, options, student) for student, path in subs]
         results = []
         for f in futures:
             results.append(f.result())
