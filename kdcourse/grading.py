@@ -760,6 +760,11 @@ def main(args) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}")
         return 2
+    from .profiles import PROFILES
+
+    if args.profile not in PROFILES:
+        print(f"error: --profile {args.profile!r} is not known; use one of {sorted(PROFILES)}")
+        return 2
     if args.timeout <= 0 or args.check_timeout <= 0 or args.max_output <= 0 or args.jobs < 1:
         print("error: --timeout, --check-timeout and --max-output must be positive and --jobs at least 1")
         return 2

@@ -265,6 +265,8 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys):
     sol = write(tiny_solution(), tmp_path / "solutions" / "00_tiny.ipynb")
     assert cli.main(["grade", sol, str(tmp_path / "no-such-folder")]) == 2
     assert cli.main(["grade", sol, str(tmp_path), "--timeout", "0"]) == 2
+    assert cli.main(["grade", sol, str(tmp_path), "--profile", "huge"]) == 2
+    assert "not known" in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------
