@@ -38,6 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import data as data_module
 from . import models, runs, runtime
 from .data import Batch, ImageData, Split
 from .losses.mutual import average_logits, average_probs_as_logits, mutual_learning_loss
@@ -68,15 +69,15 @@ def verdict(better: runs.Summary, worse: runs.Summary) -> str:
     runs cannot tell the two apart, and "above noise" is a first
     indication, not a proof. A summary
     of one run has no spread of its own: it is compared with twice the
-    other side's standard deviation and said to be one seed.
+    other side's standard deviation, and the reading says "one run".
     """
     if better.n < 2:
         spread = 2 * worse.std
         if spread == 0:
-            return "one seed, no spread to compare with"
+            return "one run, no spread to compare with"
         inside = abs(better.mean - worse.mean) < spread
-        return "one seed: within 2 std of the baseline" if inside else \
-            ("one seed: more than 2 std above the baseline" if better.mean > worse.mean else "one seed: more than 2 std below the baseline")
+        return "one run: within 2 std of the baseline" if inside else \
+            ("one run: more than 2 std above the baseline" if better.mean > worse.mean else "one run: more than 2 std below the baseline")
     t, _ = runs.welch_t(better, worse)
     if abs(t) < 2:
         return "within seed-to-seed noise"
@@ -91,6 +92,18 @@ def significance(better: runs.Summary, worse: runs.Summary) -> str:
     t, dof = runs.welch_t(better, worse)
     return (f"{better.name} − {worse.name}: {diff:+.2f} points = {gap:+.1f} pooled std, "
             f"Welch t = {t:+.1f} ({dof:.1f} d.o.f., n = {better.n} and {worse.n}) → {verdict(better, worse)}")
+
+
+def per_seed(better: runs.Summary, worse: runs.Summary) -> str:
+    """The differences seed by seed, in points (``values`` in seed order).
+
+    Where both sides start from the same weights and batches (this lab's
+    comparisons with scratch), these paired differences are less noisy than
+    the difference of the means — with 3 seeds, still only an indication."""
+    if better.n != worse.n:
+        raise ValueError(f"per_seed needs the same seeds on both sides, got n = {better.n} and {worse.n}")
+    diffs = [100 * (a - b) for a, b in zip(better.values, worse.values)]
+    return f"{better.name} − {worse.name}, seed by seed: " + ", ".join(f"{d:+.2f}" for d in diffs) + " points"
 
 
 def compare_row(summary: runs.Summary, baseline: runs.Summary, method: str | None = None, inference: str = "1 network",
@@ -634,6 +647,17 @@ def settings(profile) -> LabSettings:
 # --------------------------------------------------------------------------
 # Lab helpers: a temperature sweep for one generation, noisy labels
 # --------------------------------------------------------------------------
+
+def lab_data(profile) -> ImageData:
+    """The data of lab 4. Offline profiles generate only the students'
+    splits (no network here needs the teachers' larger set, which takes
+    most of the generation time): the validation and test images are those
+    of :func:`kdcourse.data.load`, the training images are drawn from the
+    same distribution but are not the same images as in labs 1 and 2."""
+    if profile.dataset == "shapes":
+        return data_module.shapes(profile.n_train, profile.n_val, profile.n_test)
+    return data_module.load(profile)
+
 
 def temperature_sweep(teacher: nn.Module, build, data: ImageData, temperatures: Sequence[float], *, alpha: float,
                       epochs: int, lr: float, seed: int = 0, batch_size: int = 128, progress: bool = True) -> list[dict]:

@@ -300,6 +300,20 @@ def test_temperature_sweep_rows(tiny):
     assert all(0 <= r["val_acc"] <= 1 and 0 <= r["test_acc"] <= 1 for r in rows)
 
 
+def test_lab_data_matches_the_profile_splits():
+    prof = profiles.get_profile("smoke")
+    mine, full = sd.lab_data(prof), D.load(prof)
+    assert len(mine.train) == prof.n_train and len(mine.teacher_train) == prof.n_train
+    assert torch.equal(mine.test.images, full.test.images) and torch.equal(mine.val.labels, full.val.labels)
+
+
+def test_per_seed_differences():
+    a, b = sd.summary_of("a", [0.8, 0.9]), sd.summary_of("b", [0.7, 0.95])
+    assert sd.per_seed(a, b) == "a − b, seed by seed: +10.00, -5.00 points"
+    with pytest.raises(ValueError, match="same seeds"):
+        sd.per_seed(a, sd.summary_of("c", [0.1]))
+
+
 def test_label_noise(tiny):
     noisy = sd.with_label_noise(tiny, 0.5, seed=1)
     changed = (noisy.train.labels != tiny.train.labels).float().mean()
@@ -320,8 +334,8 @@ def test_significance_readout():
     with pytest.raises(ValueError, match="no values"):
         sd.summary_of("empty", [])
     one = sd.summary_of("one", [0.95])
-    assert sd.verdict(one, b).startswith("one seed: more than 2 std above")
-    assert sd.verdict(sd.summary_of("one", [0.806]), b) == "one seed: within 2 std of the baseline"
+    assert sd.verdict(one, b).startswith("one run: more than 2 std above")
+    assert sd.verdict(sd.summary_of("one", [0.806]), b) == "one run: within 2 std of the baseline"
     row = sd.compare_row(c, b, anchor="paper: 1 → 2")
     assert row["reading"] == "gain above noise" and row["Δ vs scratch (points)"] == "+10.00" and row["seeds"] == 3
     assert sd.compare_row(b, b)["reading"] == "baseline"
