@@ -652,14 +652,22 @@ def pt2e_conv_precision(gm: nn.Module) -> dict:
     return {"int8": int8, "float": len(convs) - int8}
 
 
-def compile_frozen(model: nn.Module, example=None) -> Callable:
+def compile_frozen(model: nn.Module, example) -> Callable:
     """``torch.compile`` with Inductor's ``freezing`` (weights folded as
-    constants, INT8 patterns lowered to oneDNN kernels). When ``example`` is
-    given the first (slow, compiling) call happens here."""
-    compiled = torch.compile(model, options={"freezing": True})
-    if example is not None:
-        with torch.no_grad():
-            compiled(*_as_args(example))
+    constants, INT8 patterns lowered to oneDNN kernels), compiled here by a
+    first call on ``example`` (slow: tens of seconds on two cores).
+
+    The freezing setting is read while compiling, so it is patched in for that
+    first call; a later call with another input shape recompiles *without*
+    freezing — use the example's shape. (Passing ``options={"freezing": True}``
+    to ``torch.compile`` is not enough for PT2E INT8 graphs in torch 2.14: it
+    fails on ``onednn.qconv_prepack``.)
+    """
+    import torch._inductor.config as inductor_config
+
+    compiled = torch.compile(model)
+    with inductor_config.patch(freezing=True), torch.no_grad():
+        compiled(*_as_args(example))
     return compiled
 
 

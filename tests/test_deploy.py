@@ -320,3 +320,14 @@ def test_pt2e_quantizes_every_convolution(cnn):
     with torch.no_grad():
         ref, got = cnn(xs), q(xs)
     assert float((got - ref).norm() / ref.norm()) < 0.05
+
+
+def test_pt2e_compiled_with_freezing_matches_the_converted_model(cnn):
+    # one compilation (tens of seconds on two cores): the path the benchmark times
+    if deploy.torchao_version() is None:
+        pytest.skip("torchao is not installed")
+    x = torch.randn(1, 3, 32, 32)
+    q = deploy.quantize_pt2e(cnn, x, [torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))])
+    fast = deploy.compile_frozen(q, x)
+    with torch.no_grad():
+        assert torch.allclose(fast(x), q(x), atol=1e-3)
