@@ -22,8 +22,13 @@ def execute(path: str, profile: str = "smoke", cwd: str | None = None, parameter
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "out.ipynb")
             t0 = time.perf_counter()
-            pm.execute_notebook(path, out, parameters=params, cwd=cwd or os.path.dirname(os.path.abspath(path)),
-                                kernel_name="python3", progress_bar=False, execution_timeout=timeout, log_output=False)
+            try:
+                pm.execute_notebook(path, out, parameters=params, cwd=cwd or os.path.dirname(os.path.abspath(path)),
+                                    kernel_name="python3", progress_bar=False, execution_timeout=timeout, log_output=False)
+            except pm.PapermillExecutionError as exc:  # keep the outputs up to the failure for reports
+                if os.path.exists(out):
+                    exc.notebook = labgen.read(out)
+                raise
             nb = labgen.read(out)
             nb.setdefault("metadata", {})["kdcourse_seconds"] = time.perf_counter() - t0
             return nb

@@ -25,7 +25,7 @@ def bars_html(probs: Sequence[float], names: Sequence[str], width_px: int = 260)
         w = max(0.0, min(1.0, float(p))) * width_px
         rows.append(
             f'<div class="kd-bar-row" style="display:flex;align-items:center;gap:6px;font-family:monospace">'
-            f'<span style="width:9em;text-align:right">{html.escape(str(name))}</span>'
+            f'<span style="width:11em;text-align:right;white-space:nowrap">{html.escape(str(name))}</span>'
             f'<span class="kd-bar" data-p="{float(p):.6f}" style="display:inline-block;height:14px;'
             f'width:{w:.1f}px;background:#3b7dd8"></span><span>{float(p):.3f}</span></div>'
         )
