@@ -62,20 +62,31 @@ def test_cached_teacher_is_not_run_during_training_but_live_one_is(ds):
     assert calls["n"] == n_setup + 1 + 1 + 2  # then: a probe, and one call per batch (2 batches)
 
 
-def test_cached_features_equal_live_features_pooled(ds):
+def test_cached_features_equal_live_features(ds):
     feature_kd.clear_teacher_cache()
     teacher, student = models_()
     obj = FeatureDistill(teacher, [Term("layer1", "layer1", hint_loss), Term("fc:input", "fc:input", rkd_distance)])
     obj.setup(student, ds.train)
     batch = next(ds.train.batches(16, shuffle=True, generator=torch.Generator().manual_seed(1)))
     logits, feats = obj.teacher_step(batch)
-    assert feats["layer1"].shape[-2:] == (16, 16)  # teacher 32x32 pooled to the student's 16x16
     with torch.no_grad():
         ref_logits, ref = teacher(batch.x, return_features=True)
     assert torch.allclose(logits, ref_logits, atol=1e-5)
-    assert torch.allclose(feats["layer1"], F.adaptive_avg_pool2d(ref["layer1"], 16), atol=1e-5)
+    assert torch.allclose(feats["layer1"], ref["layer1"], atol=1e-5)  # full resolution: what the live teacher gives
     assert torch.allclose(feats["fc:input"], ref["pool"], atol=1e-5)
-    assert teacher_outputs(teacher, ds.train, ["layer1", "fc:input"], {"layer1": (16, 16)})[0] is obj._logits
+    assert teacher_outputs(teacher, ds.train, ["layer1", "fc:input"])[0] is obj._logits  # shared memo
+
+
+def test_teacher_outputs_can_pool_and_huge_caches_fall_back_to_live(ds, monkeypatch):
+    feature_kd.clear_teacher_cache()
+    teacher, student = models_()
+    _, f = teacher_outputs(teacher, ds.train, ["layer1"], {"layer1": (8, 8)})
+    assert f["layer1"].shape[-2:] == (8, 8)
+    monkeypatch.setattr(feature_kd, "CACHE_LIMIT_BYTES", 1.0)
+    obj = FeatureDistill(teacher, [Term("layer1", "layer1", hint_loss)])
+    with pytest.warns(UserWarning, match="live"):
+        obj.setup(student, ds.train)
+    assert obj._feats is None
 
 
 def test_loss_is_ce_plus_weighted_terms_or_kd(ds):
@@ -90,12 +101,12 @@ def test_loss_is_ce_plus_weighted_terms_or_kd(ds):
     with torch.no_grad():
         t_logits, t = teacher(batch.x, return_features=True)
     s_logits, s = student(batch.x, return_features=True)
-    want = (F.cross_entropy(s_logits, batch.labels) + 3.0 * similarity_preserving(s["layer3"], F.adaptive_avg_pool2d(t["layer3"], 4))).detach()
+    want = (F.cross_entropy(s_logits, batch.labels) + 3.0 * similarity_preserving(s["layer3"], t["layer3"])).detach()
     assert float(out.loss.detach()) == pytest.approx(float(want), rel=1e-5)
     kd = FeatureDistill(teacher, [Term("layer3", "layer3", similarity_preserving, 3.0)], alpha=0.7, T=2.0)
     kd.setup(student, ds.train)
     want_kd = kd_loss(s_logits, t_logits, batch.labels, T=2.0, alpha=0.7) + 3.0 * similarity_preserving(
-        s["layer3"], F.adaptive_avg_pool2d(t["layer3"], 4))
+        s["layer3"], t["layer3"])
     assert float(kd(student, batch, state).loss.detach()) == pytest.approx(float(want_kd), rel=1e-5)
 
 
