@@ -60,14 +60,14 @@ def _epoch_times(lab, ds, repeats: int, batch_size: int) -> dict:
 
 
 def main(profile: str = "laptop", repeats: int = 3, only: tuple = PARTS, T: float = 1.0) -> int:
-    from .. import data, models, profiles, runs
+    from .. import models, profiles, runs
     from .. import selfdistill as sd
 
     prof = profiles.get_profile(profile)
     lab = sd.settings(prof)
     torch.set_num_threads(int(os.environ.get("KDCOURSE_THREADS", torch.get_num_threads())))
     print(f"# Lab 4 benchmark — profile {prof.name}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    ds = data.load(prof)
+    ds = sd.lab_data(prof)  # the lab's data: the students' splits only
     n = models.count_params(models.build(lab.network, ds.num_classes))
     print(f"network {models.describe(lab.network)} ({n:,} params), {lab.epochs} epochs at lr {lab.lr:g}, "
           f"{len(ds.train)} training images, seeds {prof.seeds}")
