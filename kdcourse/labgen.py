@@ -89,12 +89,15 @@ def clear_outputs(cell, keep_checked: bool) -> None:
         cell.pop("outputs", None)
         cell.pop("execution_count", None)
         return
-    if not (keep_checked and CHECK_MARK in source(cell)):
+    checked = keep_checked and CHECK_MARK in source(cell) and cell.get("outputs")
+    if not checked:
         cell["outputs"] = []
-    cell["execution_count"] = None
+    # nbval rejects stored outputs of a cell that "never ran", so a checked
+    # cell keeps a fixed count of 1 (deterministic bytes); all others get None.
+    cell["execution_count"] = 1 if checked else None
     for out in cell.get("outputs", []):
         if "execution_count" in out:
-            out["execution_count"] = None
+            out["execution_count"] = 1
 
 
 def strip(nb: dict, keep_checked: bool = True) -> dict:

@@ -35,7 +35,7 @@ def test_solution_executes_in_smoke_profile(path, tmp_path):
     errors = [o for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
     # every code exercise is followed by a check that passed (a "✓" line)
-    text = "".join(o.get("text", "") for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "stream")
+    text = "".join("".join(o.get("text", "")) for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "stream")
     code_exercises = [i for i in labgen.exercise_cells(nb) if nb["cells"][i]["cell_type"] == "code"]
     assert text.count("✓") >= len(code_exercises)
 
