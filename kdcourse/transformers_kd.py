@@ -99,6 +99,7 @@ class LabConfig:
     student: BertSpec
     teacher_epochs: int
     teacher_lr: float
+    teacher_batch_size: int
     mlm_weight: float  # weight of the teacher's auxiliary masked-LM loss (gives it an MLM head)
     mlm_fraction: float  # part of each teacher batch that also gets a masked copy for that loss
     student_epochs: int  # task epochs for every student recipe
@@ -115,19 +116,19 @@ LAB3: dict[str, LabConfig] = {
     "smoke": LabConfig(
         n_teacher_train=600, n_train=300, n_val=200, n_test=300, n_general=600,
         teacher=BertSpec(4, 32, 2, 64), student=BertSpec(2, 16, 2, 32),
-        teacher_epochs=3, teacher_lr=2e-3, mlm_weight=0.5, mlm_fraction=0.5,
+        teacher_epochs=3, teacher_lr=2e-3, teacher_batch_size=32, mlm_weight=1.0, mlm_fraction=0.5,
         student_epochs=2, general_epochs=1, progressive_epochs=1, lr=3e-3, batch_size=64,
     ),
     "laptop": LabConfig(
-        n_teacher_train=8000, n_train=1500, n_val=1000, n_test=2000, n_general=6000,
-        teacher=BertSpec(8, 128, 4, 512, attention_dropout=0.1), student=BertSpec(4, 48, 4, 192),
-        teacher_epochs=8, teacher_lr=1e-3, mlm_weight=0.5, mlm_fraction=0.5,
-        student_epochs=15, general_epochs=3, progressive_epochs=1, lr=2e-3, batch_size=64,
+        n_teacher_train=8000, n_train=1500, n_val=1000, n_test=2000, n_general=4000,
+        teacher=BertSpec(8, 128, 4, 512), student=BertSpec(4, 48, 4, 192),
+        teacher_epochs=6, teacher_lr=5e-4, teacher_batch_size=32, mlm_weight=1.0, mlm_fraction=0.5,
+        student_epochs=12, general_epochs=2, progressive_epochs=1, lr=2e-3, batch_size=64,
     ),
     "full": LabConfig(
         n_teacher_train=40000, n_train=4000, n_val=2000, n_test=5000, n_general=40000,
         teacher=BertSpec(12, 256, 4, 1024), student=BertSpec(4, 64, 4, 256),
-        teacher_epochs=12, teacher_lr=3e-4, mlm_weight=0.5, mlm_fraction=0.5,
+        teacher_epochs=8, teacher_lr=3e-4, teacher_batch_size=64, mlm_weight=1.0, mlm_fraction=0.5,
         student_epochs=20, general_epochs=4, progressive_epochs=2, lr=2e-3, batch_size=128,
     ),
 }
@@ -187,13 +188,14 @@ def bert_config(spec: BertSpec, vocab_size: int, num_labels: int, max_len: int):
 
 class TextTransformer(nn.Module):
     """``BertForSequenceClassification`` built from a config (random weights,
-    no download), optionally with a masked-LM head tied to the word embeddings.
+    no download), optionally with a masked-LM head (its decoder tied to the
+    word embeddings, as in BERT, unless ``tie_mlm=False``).
 
     ``model(input_ids)`` -> logits (B, C); the attention mask is
     ``input_ids != pad_id``.
     """
 
-    def __init__(self, config, mlm_head: bool = False):
+    def __init__(self, config, mlm_head: bool = False, tie_mlm: bool = True):
         super().__init__()
         from transformers import BertForSequenceClassification
         from transformers.models.bert.modeling_bert import BertOnlyMLMHead
@@ -206,7 +208,8 @@ class TextTransformer(nn.Module):
         self.mlm = None
         if mlm_head:
             self.mlm = BertOnlyMLMHead(config)
-            self.mlm.predictions.decoder.weight = self.hf.bert.embeddings.word_embeddings.weight  # tied, as in BERT
+            if tie_mlm:
+                self.mlm.predictions.decoder.weight = self.hf.bert.embeddings.word_embeddings.weight
 
     @property
     def num_layers(self) -> int:
@@ -247,11 +250,12 @@ class TextTransformer(nn.Module):
         return TransformerOutputs(out.logits, hs if hidden_states else (), att, mask, mlm_logits)
 
 
-def build(spec: BertSpec, data: text.TextData, mlm_head: bool = False) -> TextTransformer:
+def build(spec: BertSpec, data: text.TextData, mlm_head: bool = False, tie_mlm: bool = True) -> TextTransformer:
     """A fresh model of shape ``spec`` for ``data``'s vocabulary and classes."""
     if not isinstance(spec, BertSpec):
         raise ValueError(f"spec must be a BertSpec, got {type(spec).__name__}")
-    return TextTransformer(bert_config(spec, data.vocab_size, data.num_classes, data.max_len), mlm_head=mlm_head)
+    return TextTransformer(bert_config(spec, data.vocab_size, data.num_classes, data.max_len), mlm_head=mlm_head,
+                           tie_mlm=tie_mlm)
 
 
 def count_params(model: TextTransformer, embeddings: bool = True) -> int:
@@ -335,16 +339,34 @@ def mask_tokens(input_ids: torch.Tensor, vocab_size: int, generator: torch.Gener
 # --------------------------------------------------------------------------
 
 class TeacherObjective(Objective):
-    """Cross-entropy on the labels plus ``mlm_weight`` x masked-LM loss on a
-    masked copy of the first ``mlm_fraction`` of the batch (so the teacher also has a language-model head,
-    which DistilBERT's loss needs)."""
+    """Cross-entropy on the labels, plus a masked-LM head trained alongside.
 
-    def __init__(self, mlm_weight: float = 0.5, mask_prob: float = 0.15, mlm_fraction: float = 0.5, seed: int = 0):
+    The head reads the body's last hidden states on a masked copy of the
+    first ``mlm_fraction`` of each batch, **detached**: it learns to predict
+    the masked words from what the classifier computes, without pulling the
+    body away from the task (a shared masked-LM loss slowed the classifier
+    down badly on this task). The head must not share weights with the body
+    (build the model with ``tie_mlm=False``). It gives the teacher the
+    language-model distributions DistilBERT's loss distils.
+    """
+
+    def __init__(self, mlm_weight: float = 1.0, mask_prob: float = 0.15, mlm_fraction: float = 0.5, seed: int = 0):
         super().__init__()
         if not 0 < mlm_fraction <= 1:
             raise ValueError(f"mlm_fraction must be in (0, 1], got {mlm_fraction!r}")
         self.mlm_weight, self.mask_prob, self.mlm_fraction = float(mlm_weight), mask_prob, mlm_fraction
+        self.seed = seed
         self.gen = torch.Generator().manual_seed(seed)
+
+    def setup(self, model, train) -> None:
+        self.gen.manual_seed(self.seed)
+        if self.mlm_weight > 0:
+            if model.mlm is None:
+                raise ValueError("TeacherObjective with mlm_weight > 0 needs a model built with mlm_head=True")
+            body = {id(p) for p in model.hf.parameters()}
+            if any(id(p) in body for p in model.mlm.parameters()):
+                raise ValueError("the masked-LM head shares weights with the body; build the teacher with "
+                                 "tie_mlm=False (the head is trained on detached hidden states)")
 
     def forward(self, model, batch, state):
         logits = model(batch.x)
@@ -354,8 +376,9 @@ class TeacherObjective(Objective):
         if self.mlm_weight > 0:
             n = max(1, int(round(self.mlm_fraction * len(batch.x))))  # a masked copy of part of the batch
             masked, labels = mask_tokens(batch.x[:n], model.config.vocab_size, self.gen, self.mask_prob)
-            out = model.forward_all(masked, hidden_states=False, attentions=False, mlm=True)
-            mlm = tl.masked_lm_loss(out.mlm_logits, labels)
+            with torch.no_grad():
+                out = model.forward_all(masked, hidden_states=True, attentions=False)
+            mlm = tl.masked_lm_loss(model.mlm(out.hidden_states[-1]), labels)
             loss = ce + self.mlm_weight * mlm
             parts["mlm"] = mlm.item()
         return StepOutput(loss, logits, parts)
@@ -365,7 +388,7 @@ def _teacher_key(c: LabConfig, data: text.TextData, seed: int) -> tuple[str, str
     import transformers
 
     recipe = {"format": FORMAT, "teacher": dataclasses.asdict(c.teacher), "epochs": c.teacher_epochs,
-              "lr": c.teacher_lr, "mlm_weight": c.mlm_weight, "mlm_fraction": c.mlm_fraction, "batch_size": c.batch_size, "seed": seed,
+              "lr": c.teacher_lr, "mlm_weight": c.mlm_weight, "mlm_fraction": c.mlm_fraction, "batch_size": c.teacher_batch_size, "seed": seed,
               "n": len(data.teacher_train), "vocab": data.tokenizer.vocab, "max_len": data.max_len,
               "transformers": ".".join(transformers.__version__.split(".")[:2])}
     rec = json.dumps(recipe, sort_keys=True)
@@ -376,10 +399,10 @@ def train_teacher(profile, data: text.TextData, seed: int = 0, progress: bool = 
     """Train the profile's BERT teacher on ``data.teacher_train`` (no cache)."""
     c = lab_config(profile)
     runtime.seed_everything(seed)
-    model = build(c.teacher, data, mlm_head=True)
+    model = build(c.teacher, data, mlm_head=True, tie_mlm=False)
     t0 = time.perf_counter()
     hist = fit(model, data.teacher_train, TeacherObjective(c.mlm_weight, mlm_fraction=c.mlm_fraction, seed=seed), epochs=c.teacher_epochs,
-               lr=c.teacher_lr, batch_size=c.batch_size, weight_decay=0.01, seed=seed, progress=progress,
+               lr=c.teacher_lr, batch_size=c.teacher_batch_size, weight_decay=0.01, seed=seed, progress=progress,
                desc="BERT teacher")
     info = {
         "arch": c.teacher.describe(),
@@ -413,7 +436,7 @@ def teacher_model(profile, data: text.TextData, seed: int = 0, directory: str | 
             blob = zoo.load_checked(path)
             if blob.get("key") != key:
                 raise zoo.CorruptCache(f"{path}: key mismatch")
-            model = build(c.teacher, data, mlm_head=True)
+            model = build(c.teacher, data, mlm_head=True, tie_mlm=False)
             model.load_state_dict(blob["state_dict"])
             info = dict(blob["info"], cache_path=path, from_cache=True)
             return freeze(model.to(runtime.device())), info

@@ -23,8 +23,8 @@ def data():
 @pytest.fixture(scope="module")
 def teacher(data):
     torch.manual_seed(0)
-    t = tk.build(TEACHER, data, mlm_head=True)
-    fit(t, data.teacher_train, tk.TeacherObjective(0.5), epochs=2, lr=3e-3, batch_size=32, progress=False)
+    t = tk.build(TEACHER, data, mlm_head=True, tie_mlm=False)
+    fit(t, data.teacher_train, tk.TeacherObjective(), epochs=2, lr=3e-3, batch_size=32, progress=False)
     return tk.freeze(t)
 
 
@@ -73,6 +73,27 @@ def test_bert_spec_validation():
         c = tk.lab_config(name)
         assert c.student.heads == c.teacher.heads and c.student.attention_dropout == 0
         assert c.n_train <= c.n_teacher_train
+
+
+def test_teacher_objective_trains_a_detached_mlm_head(data):
+    torch.manual_seed(0)
+    tied = tk.build(TEACHER, data, mlm_head=True)
+    with pytest.raises(ValueError, match="tie_mlm=False"):
+        fit(tied, data.teacher_train, tk.TeacherObjective(), epochs=1, lr=1e-3, progress=False)
+    m = tk.build(TEACHER, data, mlm_head=True, tie_mlm=False).eval()  # eval: no dropout, same forward twice
+    obj = tk.TeacherObjective()
+    obj.setup(m, data.teacher_train)
+    from kdcourse.train import TrainState
+
+    batch = next(data.teacher_train.batches(16))
+    out = obj(m, batch, TrainState())
+    assert {"ce", "mlm"} <= set(out.parts)
+    body = [p for p in m.hf.parameters()]
+    g_all = torch.autograd.grad(out.loss, body + [m.mlm.predictions.transform.dense.weight], allow_unused=True)
+    g_ce = torch.autograd.grad(torch.nn.functional.cross_entropy(m(batch.x), batch.labels), body, allow_unused=True)
+    for a, b in zip(g_all, g_ce):  # the masked-LM term adds nothing to the body's gradient
+        assert (a is None and b is None) or torch.allclose(a, b, atol=1e-6)
+    assert g_all[-1] is not None and g_all[-1].abs().sum() > 0  # but it trains the head
 
 
 def test_mask_tokens():
