@@ -126,7 +126,7 @@ LAB3: dict[str, LabConfig] = {
         student_epochs=12, general_epochs=2, progressive_epochs=1, lr=2e-3, batch_size=64,
     ),
     "full": LabConfig(
-        n_teacher_train=40000, n_train=4000, n_val=2000, n_test=5000, n_general=40000,
+        n_teacher_train=40000, n_train=4000, n_val=2000, n_test=5000, n_general=20000,
         teacher=BertSpec(12, 256, 4, 1024), student=BertSpec(4, 64, 4, 256),
         teacher_epochs=8, teacher_lr=3e-4, teacher_batch_size=64, mlm_weight=1.0, mlm_fraction=0.5,
         student_epochs=20, general_epochs=4, progressive_epochs=2, lr=2e-3, batch_size=128,
