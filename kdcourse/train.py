@@ -107,8 +107,11 @@ class Distill(Objective):
         cache: ``"auto"`` (cache teacher logits when the split is not
             augmented), ``True`` (require it) or ``False`` (always live).
         frozen: keep ``True``. ``False`` exists only to demonstrate the
-            pitfall of an unfrozen teacher: the teacher is then trained by the
-            distillation loss together with the student.
+            pitfall of an unfrozen teacher: the teacher is then in train mode
+            (its batch-norm statistics drift) and its parameters are optimised
+            with the student's whenever the loss lets gradients reach
+            ``teacher_logits`` (the reference ``kd_loss`` detaches them; a
+            typical hand-written loss does not).
     """
 
     def __init__(self, teacher, loss: Callable | None = None, T=4.0, alpha=0.9, cache="auto", frozen: bool = True):

@@ -71,9 +71,16 @@ def test_teacher_put_back_in_train_mode_is_caught(tiny):
 def test_unfrozen_teacher_pitfall_changes_teacher(tiny):
     teacher = models.build({"arch": "resnet", "depth": 8, "width": 4})
     before = [p.detach().clone() for p in teacher.parameters()]
-    fit(models.build({"arch": "cnn", "widths": (4, 4, 4)}), tiny.train, Distill(teacher, frozen=False),
+    stats = teacher.stem[1].running_mean.clone()
+
+    def no_detach(s, t, y, T=4.0, alpha=0.9):  # what a student typically writes
+        kl = torch.nn.functional.kl_div(torch.log_softmax(s / T, -1), torch.softmax(t / T, -1), reduction="batchmean")
+        return alpha * T * T * kl + (1 - alpha) * torch.nn.functional.cross_entropy(s, y)
+
+    fit(models.build({"arch": "cnn", "widths": (4, 4, 4)}), tiny.train, Distill(teacher, loss=no_detach, frozen=False),
         epochs=1, lr=1e-2, progress=False)
     assert any(not torch.equal(b, p) for b, p in zip(before, teacher.parameters()))
+    assert not torch.equal(stats, teacher.stem[1].running_mean)  # train mode: BN statistics drift too
 
 
 def test_cached_teacher_logits_aligned_with_shuffled_batches(tiny):
