@@ -387,11 +387,11 @@ class TeacherObjective(Objective):
 
 
 def _teacher_key(c: LabConfig, data: text.TextData, seed: int) -> tuple[str, str]:
-    import transformers
-
+    transformers = _transformers()
     recipe = {"format": FORMAT, "teacher": dataclasses.asdict(c.teacher), "epochs": c.teacher_epochs,
-              "lr": c.teacher_lr, "mlm_weight": c.mlm_weight, "mlm_fraction": c.mlm_fraction, "batch_size": c.teacher_batch_size, "seed": seed,
-              "n": len(data.teacher_train), "vocab": data.tokenizer.vocab, "max_len": data.max_len,
+              "lr": c.teacher_lr, "mlm_weight": c.mlm_weight, "mlm_fraction": c.mlm_fraction,
+              "batch_size": c.teacher_batch_size, "seed": seed, "n": len(data.teacher_train),
+              "vocab": data.tokenizer.vocab, "max_len": data.max_len,
               "transformers": ".".join(transformers.__version__.split(".")[:2])}
     rec = json.dumps(recipe, sort_keys=True)
     return rec, hashlib.sha256(f"{rec}|{data.fingerprint()}".encode()).hexdigest()[:20]
@@ -403,9 +403,9 @@ def train_teacher(profile, data: text.TextData, seed: int = 0, progress: bool = 
     runtime.seed_everything(seed)
     model = build(c.teacher, data, mlm_head=True, tie_mlm=False)
     t0 = time.perf_counter()
-    hist = fit(model, data.teacher_train, TeacherObjective(c.mlm_weight, mlm_fraction=c.mlm_fraction, seed=seed), epochs=c.teacher_epochs,
-               lr=c.teacher_lr, batch_size=c.teacher_batch_size, weight_decay=0.01, seed=seed, progress=progress,
-               desc="BERT teacher")
+    objective = TeacherObjective(c.mlm_weight, mlm_fraction=c.mlm_fraction, seed=seed)
+    hist = fit(model, data.teacher_train, objective, epochs=c.teacher_epochs, lr=c.teacher_lr,
+               batch_size=c.teacher_batch_size, weight_decay=0.01, seed=seed, progress=progress, desc="BERT teacher")
     info = {
         "arch": c.teacher.describe(),
         "params": count_params(model),
