@@ -258,6 +258,35 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def count_macs(model: nn.Module, example) -> int:
+    """Multiply-accumulates of one forward pass *per sample* in the model's
+    ``nn.Conv2d`` and ``nn.Linear`` layers (measured with forward hooks on
+    ``example``; other operations, e.g. attention's activation×activation
+    products, are not counted). A convolution costs
+    ``output elements × in_channels / groups × kernel height × kernel width``."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"count_macs needs an nn.Module, got {type(model).__name__}")
+    args = _as_args(example)
+    total = [0]
+
+    def conv_hook(m, inp, out):
+        total[0] += out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+
+    def linear_hook(m, inp, out):
+        total[0] += out.numel() * m.in_features
+
+    handles = [m.register_forward_hook(conv_hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    handles += [m.register_forward_hook(linear_hook) for m in model.modules() if isinstance(m, nn.Linear)]
+    _eval(model)
+    try:
+        with torch.inference_mode():
+            model(*args)
+    finally:
+        for h in handles:
+            h.remove()
+    return total[0] // _batch_size(args)
+
+
 # --------------------------------------------------------------------------
 # What is really INT8?
 # --------------------------------------------------------------------------

@@ -142,6 +142,22 @@ def test_int8_file_is_smaller_for_a_model_with_real_weights(tmp_path):
     assert deploy.size_mb(q) < 0.4 * deploy.size_mb(f)
 
 
+def test_count_macs_matches_hand_count():
+    conv = nn.Conv2d(3, 8, 3, padding=1)
+    assert deploy.count_macs(conv, torch.randn(2, 3, 10, 10)) == 8 * 10 * 10 * 3 * 9
+    dw = nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False)
+    assert deploy.count_macs(dw, torch.randn(1, 4, 6, 6)) == 4 * 6 * 6 * 1 * 9
+    mlp = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 2))
+    assert deploy.count_macs(mlp, torch.randn(3, 5)) == 5 * 7 + 7 * 2
+    assert deploy.count_macs(nn.Linear(4, 6), torch.randn(2, 9, 4)) == 9 * 4 * 6  # per sample, all positions
+    assert not conv._forward_hooks, "hooks must be removed"
+    import torchvision
+
+    # He et al. (2016), Table 1: ResNet-18 at 224x224 is 1.8 x 10^9 FLOPs (multiply-adds)
+    assert deploy.count_macs(torchvision.models.resnet18(weights=None), torch.randn(1, 3, 224, 224)) / 1e9 == \
+        pytest.approx(1.8, abs=0.05)
+
+
 def test_seed_recipe_leaves_every_convolution_in_float(cnn):
     before = deploy.module_types(cnn)
     q = deploy.seed_recipe_dynamic(cnn)

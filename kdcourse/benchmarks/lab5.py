@@ -11,8 +11,9 @@
 2. The lab's distilled student (KD from the profile's cached teacher) on the
    offline test set: fp32 vs static INT8 accuracy, agreement, size, latency.
    Target: accuracy drop <= 1 point.
-3. ResNet-50 vs ResNet-18 at 224x224 (fp32, random init), and a small
-   BERT-style classifier (random init) fp32 vs dynamic INT8.
+3. ResNet-50 vs ResNet-18 at 224x224 (fp32, random init), and a BERT
+   classifier of the shape of Lab 3's teacher (random init) fp32 vs dynamic
+   INT8 in ONNX Runtime.
 
 The CPU may be shared with other programs: every latency is a median of
 interleaved repeats; run it on a quiet machine for figures to quote.
@@ -142,27 +143,32 @@ def resnet50_vs_18(repeats: int, runs_per_repeat: int = 20) -> list[dict]:
                                 for k, m in nets.items()})
 
 
-def tiny_bert(repeats: int, tmp: str) -> list[dict]:
+def bert(profile, repeats: int, tmp: str) -> list[dict]:
+    """A BERT classifier of the shape of Lab 3's teacher for ``profile``, random weights."""
     from transformers import BertConfig, BertForSequenceClassification
 
+    from ..transformers_kd import lab_config
+
+    spec = lab_config(profile).teacher
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=2000, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-                     intermediate_size=1024, max_position_embeddings=128, num_labels=2)
+    cfg = BertConfig(vocab_size=2000, hidden_size=spec.hidden, num_hidden_layers=spec.layers,
+                     num_attention_heads=spec.heads, intermediate_size=spec.intermediate, max_position_embeddings=128,
+                     num_labels=2)
     model = LogitsOnly(BertForSequenceClassification(cfg)).eval()
     ids = torch.randint(0, cfg.vocab_size, (1, 64))
     mask = torch.ones_like(ids)
     fp32 = deploy.export_onnx(model, (ids, mask), os.path.join(tmp, "bert.onnx"),
                               input_names=("input_ids", "attention_mask"), dynamic_axes={0: {1: "seq"}, 1: {1: "seq"}})
     q = deploy.quantize_dynamic_onnx(fp32, os.path.join(tmp, "bert-int8.onnx"))
-    lats = deploy.compare_latency({"BERT-tiny fp32 eager": (model, (ids, mask)),
-                                   "BERT-tiny fp32 ONNX Runtime": (deploy.OnnxModel(fp32, THREADS), (ids, mask)),
-                                   "BERT-tiny dynamic INT8 ONNX Runtime": (deploy.OnnxModel(q, THREADS), (ids, mask))},
+    lats = deploy.compare_latency({"BERT fp32 eager": (model, (ids, mask)),
+                                   "BERT fp32 ONNX Runtime": (deploy.OnnxModel(fp32, THREADS), (ids, mask)),
+                                   "BERT dynamic INT8 ONNX Runtime": (deploy.OnnxModel(q, THREADS), (ids, mask))},
                                   runs=50, warmup=10, repeats=repeats, threads=THREADS)
     ops = deploy.onnx_op_types(q)
     return _latency_rows(lats, {
-        "BERT-tiny fp32 eager": {"size MB": round(deploy.size_mb(model), 2), "params": deploy.count_params(model)},
-        "BERT-tiny fp32 ONNX Runtime": {"size MB": round(deploy.size_mb(fp32), 2)},
-        "BERT-tiny dynamic INT8 ONNX Runtime": {"size MB": round(deploy.size_mb(q), 2),
+        "BERT fp32 eager": {"size MB": round(deploy.size_mb(model), 2), "params": deploy.count_params(model)},
+        "BERT fp32 ONNX Runtime": {"size MB": round(deploy.size_mb(fp32), 2)},
+        "BERT dynamic INT8 ONNX Runtime": {"size MB": round(deploy.size_mb(q), 2),
                                                 "MatMulInteger/MatMul": f"{ops['MatMulInteger']}/{ops['MatMul']}"},
     })
 
@@ -208,6 +214,9 @@ def main(profile: str = "laptop", repeats: int = 3) -> int:
         print("\n## ResNet-50 vs ResNet-18, 224x224, fp32 eager (random init)")
         print(_fmt_table(resnet50_vs_18(repeats)))
 
-        print("\n## BERT-style classifier (4 layers, hidden 256, seq 64, random init), fp32 vs dynamic INT8")
-        print(_fmt_table(tiny_bert(repeats, tmp)))
+        from ..transformers_kd import lab_config
+
+        print(f"\n## BERT classifier, Lab 3's teacher shape ({lab_config(prof).teacher.describe()}), sequence 64, "
+              f"random init: fp32 vs dynamic INT8")
+        print(_fmt_table(bert(prof, repeats, tmp)))
     return 0 if ok else 1
