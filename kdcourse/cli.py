@@ -63,7 +63,8 @@ def _bench(args) -> int:
     import importlib
 
     module = importlib.import_module(f"kdcourse.benchmarks.{args.what}")
-    return module.main(profile=args.profile, repeats=args.repeats)
+    kwargs = {"only": tuple(p for p in args.only.split(",") if p)} if args.only else {}
+    return module.main(profile=args.profile, repeats=args.repeats, **kwargs)
 
 
 def _delegate(module_name: str):
@@ -92,6 +93,7 @@ def main(argv=None) -> int:
     p.add_argument("what", help="lab1, lab2, ... (a module in kdcourse/benchmarks)")
     p.add_argument("--profile", default="laptop")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--only", default="", help="comma-separated parts (each benchmark's docstring lists them)")
     p.set_defaults(func=_bench)
     for name, module_name, help_text in (("grade", "grading", "grade student notebooks"),
                                          ("report", "report", "run all solutions and write the course report")):

@@ -1,6 +1,5 @@
 """Deployment helpers: latency statistics, size, INT8 that really is INT8,
 artefacts that reload. No test asserts a speed."""
-import os
 
 import numpy as np
 import pytest

@@ -9,11 +9,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kdcourse import data as D
-from kdcourse import models, profiles, runs, runtime
+from kdcourse import models, profiles, runs
 from kdcourse import selfdistill as sd
 from kdcourse.data import Batch
 from kdcourse.losses.mutual import mutual_learning_losses
-from kdcourse.train import Distill, Objective, TrainState, fit, freeze
+from kdcourse.train import TrainState, fit, freeze
 
 SPEC = {"arch": "cnn", "widths": (4, 8, 8)}
 

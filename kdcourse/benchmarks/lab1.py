@@ -16,14 +16,14 @@ Prints, measured in this one run:
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 
 import torch
+
+from .common import cli, run_all, smoke_run_all
 
 PARTS = ("teacher", "epoch", "accuracy", "notebook", "smoke")
 NOTEBOOK = os.path.join("solutions", "01_classic_kd.ipynb")
@@ -87,29 +87,13 @@ def main(profile: str = "laptop", repeats: int = 3, only: tuple = PARTS) -> int:
         print(f"  KD - scratch: {100 * (kd.mean - scratch.mean):+.2f} points = {runs.gap_in_std(kd, scratch):.1f} pooled std "
               f"(Welch t {t_stat:.1f}, {dof:.1f} dof)")
 
-    from ..notebooks import execute
-
     if "notebook" in only:
-        t0 = time.perf_counter()
-        execute(NOTEBOOK, profile=prof.name, cwd=tempfile.mkdtemp(), env={"KDCOURSE_CACHE": cache, "MPLBACKEND": "Agg"},
-                timeout=3600)
-        print(f"\nLab 1 Run All, profile {prof.name}, teacher cached: {time.perf_counter() - t0:.0f} s")
-        t0 = time.perf_counter()
-        execute(NOTEBOOK, profile=prof.name, cwd=tempfile.mkdtemp(), env={"KDCOURSE_CACHE": cache, "MPLBACKEND": "Agg"},
-                timeout=3600)
-        print(f"Lab 1 Run All, profile {prof.name}, all teachers cached (second run): {time.perf_counter() - t0:.0f} s")
+        run_all(NOTEBOOK, prof.name, cache=cache, label="profile teacher cached")
+        run_all(NOTEBOOK, prof.name, cache=cache, label="all teachers cached (second run)")
     if "smoke" in only:
-        smoke_cache = tempfile.mkdtemp(prefix="kdcourse-bench-smoke-")
-        t0 = time.perf_counter()
-        execute(NOTEBOOK, profile="smoke", cwd=tempfile.mkdtemp(), env={"KDCOURSE_CACHE": smoke_cache, "MPLBACKEND": "Agg"})
-        print(f"Lab 1 Run All, profile smoke, empty cache: {time.perf_counter() - t0:.0f} s")
+        smoke_run_all(NOTEBOOK)
     return 0
 
 
 if __name__ == "__main__":  # pragma: no cover
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--profile", default="laptop")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--only", default=",".join(PARTS), help="comma-separated subset of " + ",".join(PARTS))
-    a = ap.parse_args()
-    sys.exit(main(a.profile, a.repeats, tuple(a.only.split(","))))
+    cli(main, PARTS, __doc__)

@@ -10,6 +10,7 @@ weights do not change the cost.
 """
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -21,6 +22,7 @@ from ..feature_kd import CRDDistill, FeatureDistill, Term, clear_teacher_cache, 
 from ..losses import feature, relation
 from ..profiles import get_profile
 from ..train import fit, freeze
+from .common import cli, run_all, smoke_run_all
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -52,7 +54,21 @@ LAB_RUNS_PER_SEED = {"scratch": 1, "response (KD)": 1, "FitNets (layer2)": 2, "A
                      "RKD (d + a)": 1, "CRD (simplified)": 1}
 
 
-def main(profile: str = "laptop", repeats: int = 3) -> int:
+PARTS = ("cost", "notebook", "smoke")
+NOTEBOOK = os.path.join("solutions", "02_feature_relation_kd.ipynb")
+
+
+def main(profile: str = "laptop", repeats: int = 3, only: tuple = PARTS) -> int:
+    if "cost" in only:
+        _costs(profile, repeats)
+    if "notebook" in only:
+        run_all(NOTEBOOK, get_profile(profile).name, label="teacher cached")
+    if "smoke" in only:
+        smoke_run_all(NOTEBOOK)
+    return 0
+
+
+def _costs(profile: str, repeats: int) -> None:
     prof = get_profile(profile)
     cfg = lab_settings(prof)
     repeats = max(1, int(repeats))
@@ -115,5 +131,8 @@ def main(profile: str = "laptop", repeats: int = 3) -> int:
     n_runs = sum(LAB_RUNS_PER_SEED.values()) * seeds + 3 * cfg["sweep_seeds"]
     print(f"\n4. the lab trains {n_runs} students x {cfg['epochs']} epochs on {len(train)} images: "
           f"about {total:.0f} s of training on this machine (+ teacher pass {cache_s:.0f} s, data, the toy detector)")
-    print(f"\nbenchmark wall time {time.perf_counter() - t0:.0f} s")
-    return 0
+    print(f"\ncost benchmark wall time {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    cli(main, PARTS, __doc__)

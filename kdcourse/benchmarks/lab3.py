@@ -23,13 +23,12 @@ Prints, measured in this one run:
 """
 from __future__ import annotations
 
-import argparse
 import os
-import sys
-import tempfile
 import time
 
 import torch
+
+from .common import cli, run_all, smoke_run_all
 
 PARTS = ("size", "latency", "accuracy")
 ALL_PARTS = PARTS + ("notebook", "smoke")
@@ -91,24 +90,12 @@ def main(profile: str = "laptop", repeats: int = 3, only: tuple = PARTS) -> int:
         print(f"  {'met' if best.mean >= 0.95 * info['test_acc'] else 'NOT met'}: best KD >= 95% of the teacher "
               f"({100 * best.mean / info['test_acc']:.1f}%)")
 
-    from ..notebooks import execute
-
     if "notebook" in only:
-        t0 = time.perf_counter()
-        execute(NOTEBOOK, profile=prof.name, cwd=tempfile.mkdtemp(), env={"MPLBACKEND": "Agg"}, timeout=3600)
-        print(f"\nLab 3 Run All, profile {prof.name}, teacher cached: {time.perf_counter() - t0:.0f} s")
+        run_all(NOTEBOOK, prof.name, label="teacher cached")
     if "smoke" in only:
-        t0 = time.perf_counter()
-        execute(NOTEBOOK, profile="smoke", cwd=tempfile.mkdtemp(),
-                env={"KDCOURSE_CACHE": tempfile.mkdtemp(prefix="kdcourse-bench-smoke-"), "MPLBACKEND": "Agg"})
-        print(f"Lab 3 Run All, profile smoke, empty cache: {time.perf_counter() - t0:.0f} s")
+        smoke_run_all(NOTEBOOK)
     return 0
 
 
 if __name__ == "__main__":  # pragma: no cover
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--profile", default="laptop")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--only", default=",".join(PARTS), help="comma-separated subset of " + ",".join(ALL_PARTS))
-    a = ap.parse_args()
-    sys.exit(main(a.profile, a.repeats, tuple(a.only.split(","))))
+    cli(main, PARTS, __doc__, ALL_PARTS)

@@ -20,15 +20,13 @@ it on the validation set, this benchmark takes it as given).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
-import sys
-import tempfile
-import time
 
 import torch
 import torch.nn as nn
+
+from .common import cli, run_all, smoke_run_all
 
 PARTS = ("epoch", "accuracy", "notebook", "smoke")
 NOTEBOOK = os.path.join("solutions", "04_self_distillation.ipynb")
@@ -100,24 +98,13 @@ def main(profile: str = "laptop", repeats: int = 3, only: tuple = PARTS, T: floa
         for s in rows:
             print(f"  {s.name:<40} {s}   " + sd.significance(s, scratch).split(": ", 1)[1])
 
-    from ..notebooks import execute
-
     if "notebook" in only:
-        t0 = time.perf_counter()
-        execute(NOTEBOOK, profile=prof.name, cwd=tempfile.mkdtemp(), env={"MPLBACKEND": "Agg"}, timeout=3600)
-        print(f"\nLab 4 Run All, profile {prof.name}: {time.perf_counter() - t0:.0f} s")
+        run_all(NOTEBOOK, prof.name, label="teachers cached")
     if "smoke" in only:
-        t0 = time.perf_counter()
-        execute(NOTEBOOK, profile="smoke", cwd=tempfile.mkdtemp(), env={"MPLBACKEND": "Agg"})
-        print(f"Lab 4 Run All, profile smoke: {time.perf_counter() - t0:.0f} s")
+        smoke_run_all(NOTEBOOK)
     return 0
 
 
 if __name__ == "__main__":  # pragma: no cover
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--profile", default="laptop")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--only", default=",".join(PARTS), help="comma-separated subset of " + ",".join(PARTS))
-    ap.add_argument("--T", type=float, default=1.0, help="temperature of born-again generations and exits")
-    a = ap.parse_args()
-    sys.exit(main(a.profile, a.repeats, tuple(a.only.split(",")), a.T))
+    cli(main, PARTS, __doc__, extras={"T": dict(type=float, default=1.0,
+                                              help="temperature of born-again generations and exits")})

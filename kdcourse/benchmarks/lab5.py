@@ -28,6 +28,7 @@ import torch
 
 from .. import data, deploy, profiles, runs, zoo
 from ..train import Distill
+from .common import cli, run_all, smoke_run_all
 
 THREADS = 2
 
@@ -184,7 +185,11 @@ class LogitsOnly(torch.nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
-def main(profile: str = "laptop", repeats: int = 3) -> int:
+PARTS = ("resnet18", "student", "resnet50", "bert", "notebook", "smoke")
+NOTEBOOK = os.path.join("solutions", "05_deployment.ipynb")
+
+
+def main(profile: str = "laptop", repeats: int = 3, only: tuple = PARTS) -> int:
     prof = profiles.get_profile(profile)
     print(f"lab5 benchmark — profile {prof.name}, {THREADS} threads, batch 1, {repeats} interleaved repeats; "
           f"torch {torch.__version__}, onnxruntime {__import__('onnxruntime').__version__}, "
@@ -192,31 +197,44 @@ def main(profile: str = "laptop", repeats: int = 3) -> int:
           f"load average now {os.getloadavg()[0]:.1f}")
     ok = True
     with tempfile.TemporaryDirectory() as tmp:
-        print("\n## ResNet-18, 224x224, batch 1 (weights=None: random init, latency only)")
-        rows, lats = resnet18_int8(repeats, tmp)
-        print(_fmt_table(rows))
-        int8 = lats["INT8 ONNX Runtime (u8 act)"].p50_ms
-        convs = next(r for r in rows if r["variant"] == "INT8 ONNX Runtime (u8 act)")["convs int8/float"]
-        all_int8 = convs.endswith("/0")
-        print(f"target INT8 p50 <= 6 ms with every convolution INT8: p50 {int8:.2f} ms, convolutions int8/float "
-              f"{convs} -> {'met' if int8 <= 6 and all_int8 else 'NOT met'}")
-        ok &= all_int8
+        if "resnet18" in only:
+            print("\n## ResNet-18, 224x224, batch 1 (weights=None: random init, latency only)")
+            rows, lats = resnet18_int8(repeats, tmp)
+            print(_fmt_table(rows))
+            int8 = lats["INT8 ONNX Runtime (u8 act)"].p50_ms
+            convs = next(r for r in rows if r["variant"] == "INT8 ONNX Runtime (u8 act)")["convs int8/float"]
+            all_int8 = convs.endswith("/0")
+            print(f"target INT8 p50 <= 6 ms with every convolution INT8: p50 {int8:.2f} ms, convolutions int8/float "
+                  f"{convs} -> {'met' if int8 <= 6 and all_int8 else 'NOT met'}", flush=True)
+            ok &= all_int8
 
-        print(f"\n## The distilled student ({prof.name} profile, offline test set)")
-        res = distilled_student(prof, repeats, tmp)
-        print(_fmt_table(res["rows"]))
-        print(f"teacher test accuracy {100 * res['teacher_test_acc']:.2f} %; student convolutions int8/float "
-              f"{res['convs']['int8']}/{res['convs']['float']}; accuracy drop after INT8 "
-              f"{res['drop_points']:.2f} points on {res['n_test']} test images -> "
-              f"{'met' if res['drop_points'] <= 1 else 'NOT met'} (target <= 1 point)")
-        ok &= res["drop_points"] <= 1
+        if "student" in only:
+            print(f"\n## The distilled student ({prof.name} profile, offline test set)")
+            res = distilled_student(prof, repeats, tmp)
+            print(_fmt_table(res["rows"]))
+            print(f"teacher test accuracy {100 * res['teacher_test_acc']:.2f} %; student convolutions int8/float "
+                  f"{res['convs']['int8']}/{res['convs']['float']}; accuracy drop after INT8 "
+                  f"{res['drop_points']:.2f} points on {res['n_test']} test images -> "
+                  f"{'met' if res['drop_points'] <= 1 else 'NOT met'} (target <= 1 point)", flush=True)
+            ok &= res["drop_points"] <= 1
 
-        print("\n## ResNet-50 vs ResNet-18, 224x224, fp32 eager (random init)")
-        print(_fmt_table(resnet50_vs_18(repeats)))
+        if "resnet50" in only:
+            print("\n## ResNet-50 vs ResNet-18, 224x224, fp32 eager (random init)")
+            print(_fmt_table(resnet50_vs_18(repeats)), flush=True)
 
-        from ..transformers_kd import lab_config
+        if "bert" in only:
+            from ..transformers_kd import lab_config
 
-        print(f"\n## BERT classifier, Lab 3's teacher shape ({lab_config(prof).teacher.describe()}), sequence 64, "
-              f"random init: fp32 vs dynamic INT8")
-        print(_fmt_table(bert(prof, repeats, tmp)))
+            print(f"\n## BERT classifier, Lab 3's teacher shape ({lab_config(prof).teacher.describe()}), sequence 64, "
+                  f"random init: fp32 vs dynamic INT8")
+            print(_fmt_table(bert(prof, repeats, tmp)), flush=True)
+    if "notebook" in only:
+        print()
+        run_all(NOTEBOOK, prof.name, label="teacher cached")
+    if "smoke" in only:
+        smoke_run_all(NOTEBOOK)
     return 0 if ok else 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    cli(main, PARTS, __doc__)
