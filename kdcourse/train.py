@@ -19,8 +19,10 @@ runs live on each augmented batch.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -138,7 +140,7 @@ class Distill(Objective):
         if self.cache is True and (train.augment or not self.frozen):
             raise ValueError("cache=True needs a frozen teacher and a split without augmentation (augment=False)")
         if use_cache:
-            self._cached = predict_logits(self.teacher, train)
+            self._cached = memo_logits(self.teacher, train)
 
     def teacher_logits(self, batch: Batch) -> torch.Tensor:
         if self._cached is not None:
@@ -156,6 +158,45 @@ class Distill(Objective):
         T, alpha = scheduled(self.T, state), scheduled(self.alpha, state)
         loss = self.loss_fn(s_logits, t_logits, batch.labels, T=T, alpha=alpha)
         return StepOutput(loss, s_logits, {"kd": loss.item(), "T": T, "alpha": alpha})
+
+
+# The teacher's logits on a split, shared by every Distill run that uses the
+# same teacher weights on the same images (a lab trains dozens of students
+# from one teacher). Keyed by a digest of the weights and of the pixels, so a
+# changed teacher or a different split can never be served stale logits.
+_LOGIT_MEMO: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+LOGIT_MEMO_SIZE = 4
+
+
+def _digest(tensors) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().data if t.numel() else b"")
+    return h.hexdigest()
+
+
+def memo_logits(teacher, split: Split) -> torch.Tensor:
+    """``predict_logits(teacher, split)``, computed once per (teacher
+    weights, split images) and reused (at most ``LOGIT_MEMO_SIZE`` entries;
+    ``clear_logit_memo()`` empties it). Callables that are not modules are
+    not memoised."""
+    if not isinstance(teacher, nn.Module):
+        return predict_logits(teacher, split)
+    key = (type(teacher).__qualname__, _digest(teacher.state_dict().values()), _digest([split.images]))
+    if key in _LOGIT_MEMO:
+        _LOGIT_MEMO.move_to_end(key)
+        return _LOGIT_MEMO[key]
+    logits = predict_logits(teacher, split)
+    _LOGIT_MEMO[key] = logits
+    while len(_LOGIT_MEMO) > LOGIT_MEMO_SIZE:
+        _LOGIT_MEMO.popitem(last=False)
+    return logits
+
+
+def clear_logit_memo() -> None:
+    _LOGIT_MEMO.clear()
 
 
 # --------------------------------------------------------------------------

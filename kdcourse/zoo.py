@@ -67,9 +67,10 @@ def recipe(profile, variant: str = "main", seed: int = 0) -> Recipe:
     """The recipe for a named teacher variant of ``profile``.
 
     * ``main``: the profile's teacher, trained with augmentation and weight decay.
-    * ``overfit``: the same architecture on the students' training set only,
-      no augmentation, no weight decay: it memorises its data and becomes
-      over-confident there (the seed's "overfitted teacher").
+    * ``overfit``: the same architecture on the first quarter of the
+      teachers' training set only, no augmentation, no weight decay: it
+      memorises its data and becomes over-confident there (the seed's
+      "overfitted teacher").
     * ``small``: a smaller ResNet (for ensembles and size sweeps).
     """
     if variant == "main":
@@ -77,7 +78,7 @@ def recipe(profile, variant: str = "main", seed: int = 0) -> Recipe:
                       augment=profile.augment_teacher, label=variant)
     if variant == "overfit":
         return Recipe(_spec_tuple(profile.teacher), profile.teacher_epochs, profile.teacher_lr, weight_decay=0.0,
-                      augment=False, seed=seed, n_train=profile.n_train, label=variant)
+                      augment=False, seed=seed, n_train=max(1, profile.n_teacher_train // 4), label=variant)
     if variant == "small":
         spec = dict(profile.teacher, depth=8)
         return Recipe(_spec_tuple(spec), max(1, profile.teacher_epochs // 2), profile.teacher_lr, seed=seed,

@@ -6,7 +6,8 @@ import torch.nn as nn
 
 from kdcourse import data as D
 from kdcourse import models, runs
-from kdcourse.train import Distill, Objective, StepOutput, evaluate, fit, freeze, predict_logits
+from kdcourse.train import (Distill, Objective, StepOutput, clear_logit_memo, evaluate, fit, freeze, memo_logits,
+                             predict_logits)
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +94,28 @@ def test_cached_teacher_logits_aligned_with_shuffled_batches(tiny):
     assert live._cached is None
     for b in tiny.train.batches(10, shuffle=True, generator=torch.Generator().manual_seed(0)):
         assert torch.allclose(obj.teacher_logits(b), live.teacher_logits(b), atol=1e-5)
+
+
+def test_logit_memo_serves_only_the_same_weights_and_images(tiny):
+    clear_logit_memo()
+    teacher = freeze(models.build({"arch": "resnet", "depth": 8, "width": 4}))
+    first = memo_logits(teacher, tiny.train)
+    assert torch.equal(first, predict_logits(teacher, tiny.train))
+    assert memo_logits(teacher, tiny.train) is first  # reused, not recomputed
+    twin = copy.deepcopy(teacher)
+    assert memo_logits(twin, tiny.train) is first  # same weights, same images: same logits
+    with torch.no_grad():
+        twin.fc.bias[0] += 1.0  # a changed teacher must never get stale logits
+    changed = memo_logits(twin, tiny.train)
+    assert torch.allclose(changed[:, 0], first[:, 0] + 1.0, atol=1e-5)
+    other = memo_logits(teacher, tiny.val)  # another split
+    assert other.shape[0] == len(tiny.val) and torch.equal(other, predict_logits(teacher, tiny.val))
+    a, b = Distill(teacher), Distill(teacher)
+    a.setup(None, tiny.train)
+    b.setup(None, tiny.train)
+    assert a._cached is b._cached is first
+    clear_logit_memo()
+    assert memo_logits(teacher, tiny.train) is not first
 
 
 def test_no_cache_with_augmentation(tiny):
