@@ -49,9 +49,22 @@ def test_run_all_times_a_notebook_and_raises_on_a_failing_cell(tmp_path, capsys)
     nbformat.write(nb, good)
     seconds = common.run_all(str(good), "smoke", cache=str(tmp_path / "cache"), label="test")
     assert seconds > 0
-    assert "Lab 9 Run All, profile smoke, test:" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "Lab 9 Run All, profile smoke, test:" in out and "slowest cells: #" in out
     nb.cells.append(nbformat.v4.new_code_cell("raise RuntimeError('boom')"))
     bad = tmp_path / "09_bad.ipynb"
     nbformat.write(nb, bad)
     with pytest.raises(Exception, match="boom"):
         common.run_all(str(bad), "smoke")
+
+
+def test_slowest_cells_names_the_cell_and_its_heading():
+    nb = {"cells": [
+        {"cell_type": "markdown", "source": "## 1. Setup"},
+        {"cell_type": "code", "source": "a", "metadata": {"papermill": {"duration": 0.5}}},
+        {"cell_type": "markdown", "source": ["## 2. Train\n", "text"]},
+        {"cell_type": "code", "source": "b", "metadata": {"papermill": {"duration": 30.2}}},
+        {"cell_type": "code", "source": "c", "metadata": {}},
+    ]}
+    assert common.slowest_cells(nb, n=2) == "#3 (2. Train) 30 s, #1 (1. Setup) 0 s"
+    assert common.slowest_cells({"cells": []}) == "no cell timings"

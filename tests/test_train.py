@@ -198,3 +198,25 @@ def test_summaries():
     assert t == pytest.approx(0.1 / (0.01 * (2 / 3) ** 0.5)) and dof == pytest.approx(4.0)
     with pytest.raises(ValueError, match="empty"):
         runs.summarize([])
+
+
+def test_channels_last_only_where_nothing_else_sees_activations(tiny):
+    from kdcourse.feature_kd import FeatureDistill, Term
+    from kdcourse.losses import relation
+    from kdcourse.train import _use_channels_last
+
+    cpu = torch.device("cpu")
+    teacher = freeze(models.build({"arch": "resnet", "depth": 8, "width": 4}))
+    cached, live = Distill(teacher), Distill(teacher, cache=False)
+    cached.setup(None, tiny.train)
+    live.setup(None, tiny.train)
+    assert _use_channels_last(Objective(), tiny.train, cpu)
+    assert _use_channels_last(cached, tiny.train, cpu)
+    assert not _use_channels_last(live, tiny.train, cpu)
+    assert not _use_channels_last(FeatureDistill(teacher, [Term("layer3", "layer3", relation.rkd_distance)]),
+                                  tiny.train, cpu)
+    assert not _use_channels_last(Objective(), tiny.train, torch.device("cuda"))
+    model = models.build({"arch": "cnn", "widths": (4, 8, 8)})
+    fit(model, tiny.train, epochs=1, lr=1e-3, progress=False)
+    # the trained model is handed back in the usual layout (hooks, exports and .view() see what they expect)
+    assert all(p.is_contiguous() for p in model.parameters())
