@@ -179,12 +179,13 @@ def _digest(tensors) -> str:
 
 def memo_logits(teacher, split: Split) -> torch.Tensor:
     """``predict_logits(teacher, split)``, computed once per (teacher
-    weights, split images) and reused (at most ``LOGIT_MEMO_SIZE`` entries;
+    weights, split tensors — images or token ids, labels) and reused (at most ``LOGIT_MEMO_SIZE`` entries;
     ``clear_logit_memo()`` empties it). Callables that are not modules are
     not memoised."""
-    if not isinstance(teacher, nn.Module):
+    inputs = [v for _, v in sorted(vars(split).items()) if isinstance(v, torch.Tensor)] if hasattr(split, "__dict__") else []
+    if not isinstance(teacher, nn.Module) or not inputs:
         return predict_logits(teacher, split)
-    key = (type(teacher).__qualname__, _digest(teacher.state_dict().values()), _digest([split.images]))
+    key = (type(teacher).__qualname__, type(split).__qualname__, _digest(teacher.state_dict().values()), _digest(inputs))
     if key in _LOGIT_MEMO:
         _LOGIT_MEMO.move_to_end(key)
         return _LOGIT_MEMO[key]

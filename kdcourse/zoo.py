@@ -170,12 +170,29 @@ def train_teacher(rec: Recipe, data: ImageData, progress: bool = True) -> tuple[
         "params": models.count_params(model),
         "train_seconds": time.perf_counter() - t0,
         "train_acc": evaluate(model, train.with_augment(False))["acc"],
-        "val_acc": evaluate(model, data.val)["acc"],
-        "test_acc": evaluate(model, data.test)["acc"],
+        **eval_info(model, data),
         "epochs": rec.epochs,
         "final_loss": hist.last("loss"),
     }
     return model, info
+
+
+def eval_fingerprint(data: ImageData) -> str:
+    """A short hash of the validation and test splits (sizes, labels and a
+    sample of pixels): the accuracies stored with a teacher belong to them."""
+    h = hashlib.sha256()
+    for split in (data.val, data.test):
+        h.update(str(tuple(split.images.shape)).encode())
+        h.update(split.labels.numpy().tobytes())
+        h.update(split.images[:16].contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def eval_info(model: nn.Module, data: ImageData) -> dict:
+    """Validation and test accuracy of ``model`` on ``data``, with the
+    fingerprint of the splits they were measured on."""
+    return {"val_acc": evaluate(model, data.val)["acc"], "test_acc": evaluate(model, data.test)["acc"],
+            "eval_splits": eval_fingerprint(data)}
 
 
 def teacher(profile, data: ImageData, variant: str = "main", seed: int = 0, directory: str | None = None,
@@ -195,8 +212,14 @@ def teacher(profile, data: ImageData, variant: str = "main", seed: int = 0, dire
             if blob.get("key") != cache_key(rec, data):
                 raise CorruptCache(f"{path}: key mismatch")
             model.load_state_dict(blob["state_dict"])
+            model = freeze(model.to(runtime.device()))
+            if blob["info"].get("eval_splits") != eval_fingerprint(data):
+                # same teacher, other validation/test splits (e.g. a changed n_test): its stored
+                # accuracies would describe other images, so measure them again and store them
+                blob["info"] = dict(blob["info"], **eval_info(model, data))
+                save_atomic(blob, path)
             info = dict(blob["info"], cache_path=path, from_cache=True)
-            return freeze(model.to(runtime.device())), info
+            return model, info
         except Exception as exc:  # corrupt, truncated, or from an incompatible version
             warnings.warn(f"teacher cache {path} is unusable ({exc}); rebuilding it", stacklevel=2)
             os.remove(path)

@@ -220,3 +220,16 @@ def test_channels_last_only_where_nothing_else_sees_activations(tiny):
     fit(model, tiny.train, epochs=1, lr=1e-3, progress=False)
     # the trained model is handed back in the usual layout (hooks, exports and .view() see what they expect)
     assert all(p.is_contiguous() for p in model.parameters())
+
+
+def test_logit_memo_keys_on_any_split_tensors():
+    from kdcourse.text import TextSplit
+
+    clear_logit_memo()
+    torch.manual_seed(0)
+    teacher = freeze(nn.Sequential(nn.Embedding(20, 4), nn.Flatten(), nn.Linear(4 * 6, 3)))
+    a = TextSplit(torch.randint(1, 20, (10, 6)), torch.zeros(10, dtype=torch.int64))
+    b = TextSplit(a.input_ids.flip(0), a.labels)
+    la, lb = memo_logits(teacher, a), memo_logits(teacher, b)
+    assert torch.equal(la, predict_logits(teacher, a)) and torch.equal(lb, predict_logits(teacher, b))
+    assert torch.equal(lb, la.flip(0)) and memo_logits(teacher, a) is la

@@ -73,3 +73,21 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
 def test_unknown_variant(smoke):
     with pytest.raises(ValueError, match="variant"):
         zoo.recipe(smoke[0], "giant")
+
+
+def test_stored_accuracies_follow_the_evaluation_splits(tmp_path):
+    from kdcourse import data as D
+    from kdcourse import profiles, zoo
+    from kdcourse.train import evaluate
+
+    prof = profiles.get_profile("smoke")
+    ds = D.load(prof)
+    model, info = zoo.teacher(prof, ds, directory=str(tmp_path), progress=False)
+    assert info["eval_splits"] == zoo.eval_fingerprint(ds)
+    bigger = D.load(prof.replace(n_test=prof.n_test + 64))  # same teacher data, another test split
+    assert zoo.cache_key(zoo.recipe(prof), bigger) == zoo.cache_key(zoo.recipe(prof), ds)
+    again, info2 = zoo.teacher(prof, bigger, directory=str(tmp_path), progress=False)
+    assert info2["from_cache"] and info2["eval_splits"] == zoo.eval_fingerprint(bigger)
+    assert info2["test_acc"] == evaluate(again, bigger.test)["acc"]
+    _, info3 = zoo.teacher(prof, bigger, directory=str(tmp_path), progress=False)  # stored now: no re-evaluation needed
+    assert info3["eval_splits"] == info2["eval_splits"] and info3["test_acc"] == info2["test_acc"]
