@@ -528,6 +528,8 @@ class MutualLearning(Objective):
             ``"ensemble"`` for the mean of the peers' logits.
     """
 
+    channels_last_ok = True  # the peers' logits are all it reads
+
     def __init__(self, T=1.0, alpha=0.5, loss: Callable | None = None, eval_peer: int | str = 0):
         super().__init__()
         if not (eval_peer == "ensemble" or (isinstance(eval_peer, int) and eval_peer >= 0)):
