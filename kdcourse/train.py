@@ -164,10 +164,11 @@ class Distill(Objective):
 
 
 # The teacher's logits on a split, shared by every Distill run that uses the
-# same teacher weights on the same images (a lab trains dozens of students
-# from one teacher). Keyed by a digest of the weights and of the pixels, so a
-# changed teacher or a different split can never be served stale logits.
-_LOGIT_MEMO: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+# same teacher on the same data (a lab trains dozens of students from one
+# teacher). Keyed by the live module (checked through a weak reference), a
+# digest of its weights and a digest of the split's tensors, so a retrained
+# teacher or a different split can never be served stale logits.
+_LOGIT_MEMO: "OrderedDict[tuple, tuple[weakref.ref, torch.Tensor]]" = OrderedDict()
 LOGIT_MEMO_SIZE = 4
 
 
