@@ -43,7 +43,7 @@ from . import models, runs, runtime
 from .data import Batch, ImageData, Split
 from .losses.mutual import average_logits, average_probs_as_logits, mutual_learning_loss
 from .losses.response import kd_loss
-from .train import Distill, History, Objective, StepOutput, TrainState, evaluate, fit, predict_logits, scheduled
+from .train import Distill, History, Objective, StepOutput, TrainState, evaluate, fit, memo_logits, scheduled
 
 
 # --------------------------------------------------------------------------
@@ -677,7 +677,7 @@ def temperature_sweep(teacher: nn.Module, build, data: ImageData, temperatures: 
     initial weights). Returns rows with the teacher's mean soft-target
     entropy on the training images at that T (bits), and the student's
     validation and test accuracy after the last epoch."""
-    train_logits = predict_logits(teacher, data.train)
+    train_logits = memo_logits(teacher, data.train)  # the Distill runs below reuse this teacher pass
     rows = []
     for T in temperatures:
         p = F.softmax(train_logits / float(T), dim=1)

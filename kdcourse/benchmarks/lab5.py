@@ -33,10 +33,6 @@ from .common import cli, run_all, smoke_run_all
 THREADS = 2
 
 
-def _fmt_table(rows: list[dict]) -> str:
-    return runs.markdown_table(rows)
-
-
 def _latency_rows(lats: dict, extra: dict) -> list[dict]:
     rows = []
     for name, lat in lats.items():
@@ -200,7 +196,7 @@ def main(profile: str = "laptop", repeats: int = 3, only: tuple = PARTS) -> int:
         if "resnet18" in only:
             print("\n## ResNet-18, 224x224, batch 1 (weights=None: random init, latency only)")
             rows, lats = resnet18_int8(repeats, tmp)
-            print(_fmt_table(rows))
+            print(runs.markdown_table(rows))
             int8 = lats["INT8 ONNX Runtime (u8 act)"].p50_ms
             convs = next(r for r in rows if r["variant"] == "INT8 ONNX Runtime (u8 act)")["convs int8/float"]
             all_int8 = convs.endswith("/0")
@@ -211,7 +207,7 @@ def main(profile: str = "laptop", repeats: int = 3, only: tuple = PARTS) -> int:
         if "student" in only:
             print(f"\n## The distilled student ({prof.name} profile, offline test set)")
             res = distilled_student(prof, repeats, tmp)
-            print(_fmt_table(res["rows"]))
+            print(runs.markdown_table(res["rows"]))
             print(f"teacher test accuracy {100 * res['teacher_test_acc']:.2f} %; student convolutions int8/float "
                   f"{res['convs']['int8']}/{res['convs']['float']}; accuracy drop after INT8 "
                   f"{res['drop_points']:.2f} points on {res['n_test']} test images -> "
@@ -220,14 +216,14 @@ def main(profile: str = "laptop", repeats: int = 3, only: tuple = PARTS) -> int:
 
         if "resnet50" in only:
             print("\n## ResNet-50 vs ResNet-18, 224x224, fp32 eager (random init)")
-            print(_fmt_table(resnet50_vs_18(repeats)), flush=True)
+            print(runs.markdown_table(resnet50_vs_18(repeats)), flush=True)
 
         if "bert" in only:
             from ..transformers_kd import lab_config
 
             print(f"\n## BERT classifier, Lab 3's teacher shape ({lab_config(prof).teacher.describe()}), sequence 64, "
                   f"random init: fp32 vs dynamic INT8")
-            print(_fmt_table(bert(prof, repeats, tmp)), flush=True)
+            print(runs.markdown_table(bert(prof, repeats, tmp)), flush=True)
     if "notebook" in only:
         print()
         run_all(NOTEBOOK, prof.name, label="teacher cached")
