@@ -120,6 +120,7 @@ def run_all(paths: list[str], profile: str, out_dir: str, timeout: int = 3600, c
             log=None) -> dict:
     """Execute ``paths`` in ``profile``; write figures under ``out_dir`` and
     return the results (see :func:`write_report`)."""
+    from .benchmarks.common import slowest_cells
     from .notebooks import execute
 
     log = log or (lambda msg: print(msg, flush=True))
@@ -132,13 +133,14 @@ def run_all(paths: list[str], profile: str, out_dir: str, timeout: int = 3600, c
         fig_dir = os.path.join(out_dir, "figures", name)
         shutil.rmtree(fig_dir, ignore_errors=True)
         log(f"running {path} (profile {profile}) ...")
-        entry = {"name": name, "path": path, "status": "ok", "seconds": None, "error": None, "items": []}
+        entry = {"name": name, "path": path, "status": "ok", "seconds": None, "slowest": None, "error": None, "items": []}
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="kdreport-") as cwd:
             try:
                 nb = execute(path, profile=profile, cwd=cwd, env=env, timeout=timeout)
                 entry["seconds"] = nb.get("metadata", {}).get("kdcourse_seconds", time.perf_counter() - t0)
                 entry["items"] = extract(nb, name, fig_dir, f"figures/{name}")
+                entry["slowest"] = slowest_cells(nb)
             except Exception as exc:  # the report says what failed; the other notebooks still run
                 entry["status"] = "failed"
                 entry["seconds"] = time.perf_counter() - t0
@@ -178,7 +180,8 @@ def write_report(results: dict, out_dir: str, command: str) -> str:
         lines.append(f"| [{nb['name']}](#{nb['name'].lower()}) | {nb['status']} | "
                      f"{nb['seconds']:.1f} | {len(nb['items']) - n_img} | {n_img} |")
     for nb in results["notebooks"]:
-        lines += ["", f"## {nb['name']}", "", f"`{nb['path']}` — {nb['status']} in {nb['seconds']:.1f} s."]
+        lines += ["", f"## {nb['name']}", "", f"`{nb['path']}` — {nb['status']} in {nb['seconds']:.1f} s."
+                  + (f" Slowest cells: {nb['slowest']}." if nb.get("slowest") else "")]
         if nb["error"]:
             lines += ["", "**Failed:**", "", _fence(nb["error"])]
         heading = object()

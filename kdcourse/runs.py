@@ -13,7 +13,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch.nn as nn
 
@@ -74,6 +74,26 @@ def repeat(name: str, seeds: Sequence[int], **kwargs) -> list[Run]:
     return [train_run(name, seed=s, **kwargs) for s in seeds]
 
 
+def select_on_validation(name: str, candidates: Mapping, *, seed: int, **kwargs) -> tuple:
+    """Train one run per candidate and pick the best on the **validation** split.
+
+    ``candidates`` maps a label (e.g. a loss weight) to a zero-argument
+    objective factory, as :func:`train_run` takes it; ``kwargs`` go to
+    :func:`train_run` (``data`` must have a validation split). Returns
+    ``(best_label, {label: Run})``; ties go to the label listed first. The
+    test accuracy is measured for every run but plays no part in the choice.
+    """
+    if not candidates:
+        raise ValueError(f"candidates for {name!r} is empty: give at least one label -> objective factory")
+    data = kwargs.get("data")
+    if data is None or getattr(data, "val", None) is None or len(data.val) == 0:
+        raise ValueError(f"select_on_validation({name!r}) needs data with a validation split (data.val); "
+                         "choosing on the test split would make its accuracy a biased estimate")
+    tried = {label: train_run(f"{name} [{label}]", seed=seed, objective=make, **kwargs) for label, make in candidates.items()}
+    best = max(tried, key=lambda label: tried[label].val_acc)  # max keeps the first of equal values
+    return best, tried
+
+
 @dataclass
 class Summary:
     name: str
@@ -118,10 +138,13 @@ def welch_t(a: Summary, b: Summary) -> tuple[float, float]:
 
 
 def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
-    """A Markdown table from dicts (floats shown with 4 significant digits)."""
+    """A Markdown table from dicts (floats shown with 4 significant digits).
+
+    Columns: ``columns``, or every key of every row in order of first
+    appearance (a row without a key leaves its cell empty)."""
     if not rows:
         return ""
-    columns = list(columns or rows[0].keys())
+    columns = list(columns or dict.fromkeys(k for r in rows for k in r))
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]

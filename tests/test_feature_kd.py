@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from kdcourse import data, feature_kd
 from kdcourse.feature_kd import CRDDistill, FeatureDistill, Term, teacher_outputs
 from kdcourse.losses.feature import attention_transfer_loss, hint_loss
-from kdcourse.losses.relation import rkd_distance, similarity_preserving
+from kdcourse.losses.relation import rkd_angle, rkd_distance, similarity_preserving
 from kdcourse.losses.response import kd_loss
 from kdcourse.models import ResNet, SmallCNN
 from kdcourse.train import TrainState, fit
@@ -157,3 +157,56 @@ def test_response_only_equals_distill(ds):
     ref.setup(student, ds.train)
     a, b = obj(student, batch, TrainState()).loss, ref(student, batch, TrainState()).loss
     assert float(a.detach()) == pytest.approx(float(b.detach()), rel=1e-5)
+
+
+def test_scale_weights_scales_only_the_methods_entries():
+    pub = dict(feature_kd.REPDISTILLER_WEIGHTS)
+    rkd = feature_kd.scale_weights(pub, "RKD", 0.1)
+    assert rkd["rkd_distance"] == pytest.approx(2.5) and rkd["rkd_angle"] == pytest.approx(5.0)
+    assert {k: v for k, v in rkd.items() if not k.startswith("rkd")} == {k: v for k, v in pub.items() if not k.startswith("rkd")}
+    assert pub == feature_kd.REPDISTILLER_WEIGHTS  # the input is not modified
+    assert feature_kd.scale_weights(pub, "AT", 0.01)["at"] == pytest.approx(10.0)
+    assert set(feature_kd.LAB2_WEIGHT_KEYS) <= set(feature_kd.LAB2_METHODS)
+    with pytest.raises(ValueError, match="method 'scratch' has no loss weight"):
+        feature_kd.scale_weights(pub, "scratch", 0.1)
+    for bad in (0, -1.0, float("nan"), True, "0.1"):
+        with pytest.raises(ValueError, match="scale must be a positive"):
+            feature_kd.scale_weights(pub, "AT", bad)
+
+
+def test_lab2_objective_builds_each_method_with_its_weights(ds):
+    # oracle: the loss of each built objective equals CE (or KD) + weight x the package's term, computed by hand
+    feature_kd.clear_teacher_cache()
+    teacher, student = models_()
+    w = dict(feature_kd.REPDISTILLER_WEIGHTS, hint=3.0, at=7.0, sp=11.0, rkd_distance=0.5, rkd_angle=0.25)
+    batch = next(ds.train.batches(16))
+    student.eval()
+    with torch.no_grad():
+        t_logits, t = teacher(batch.x, return_features=True)
+    s_logits, s = student(batch.x, return_features=True)
+    ce = F.cross_entropy(s_logits, batch.labels)
+    kd = kd_loss(s_logits, t_logits, batch.labels, T=4.0, alpha=0.9)
+    at = sum(attention_transfer_loss(s[f"layer{i}"], t[f"layer{i}"]) for i in (1, 2, 3))
+    rkd = 0.5 * rkd_distance(s["pool"], t["pool"]) + 0.25 * rkd_angle(s["pool"], t["pool"])  # pool = input of fc
+    want = {"response (KD)": kd, "AT": ce + 7.0 * at, "SP": ce + 11.0 * similarity_preserving(s["layer3"], t["layer3"]),
+            "RKD": ce + rkd}
+    for method, expected in want.items():
+        obj = feature_kd.lab2_objective(method, teacher, w)()
+        obj.setup(student, ds.train)
+        assert float(obj(student, batch, TrainState()).loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-5), method
+    for method, alpha in (("feature (FitNets)", 0.0), ("response + feature", 0.9)):
+        obj = feature_kd.lab2_objective(method, teacher, w, hint_layer="layer1")()
+        assert obj.alpha == alpha and [(t.student, t.weight) for t in obj.terms] == [("layer1", 3.0)]
+    crd = feature_kd.lab2_objective("CRD", teacher, dict(w, crd=0.3), crd_k=8)()
+    assert isinstance(crd, CRDDistill) and crd.weight == 0.3
+    assert feature_kd.lab2_objective("scratch", teacher, w) is None
+    mine = lambda s, t: (s - t).abs().mean()  # noqa: E731  the student's own loss is the one used
+    assert feature_kd.lab2_objective("AT", teacher, w, at_loss=mine)().terms[0].loss is mine
+
+
+def test_lab2_objective_errors():
+    teacher, _ = models_()
+    with pytest.raises(ValueError, match="unknown Lab 2 method 'FitNets'"):
+        feature_kd.lab2_objective("FitNets", teacher, feature_kd.REPDISTILLER_WEIGHTS)
+    with pytest.raises(ValueError, match=r"lacks \['hint'\] for 'response \+ feature'"):
+        feature_kd.lab2_objective("response + feature", teacher, {"at": 1.0})

@@ -494,6 +494,9 @@ def test_report_runs_every_solution_and_keeps_figures_tables_and_runtimes(tmp_pa
     runtimes = {nb["name"]: nb["seconds"] for nb in results["notebooks"]}
     assert set(runtimes) == {"01_tiny", "02_broken"} and all(s > 0 for s in runtimes.values())
     assert f"{runtimes['01_tiny']:.1f}" in md
+    slowest = {nb["name"]: nb["slowest"] for nb in results["notebooks"]}
+    assert slowest["01_tiny"].startswith("#") and "(1. Measured things)" in slowest["01_tiny"] and slowest["02_broken"] is None
+    assert f"Slowest cells: {slowest['01_tiny']}." in md
 
 
 def test_report_rejects_bad_arguments(tmp_path, capsys):

@@ -234,3 +234,40 @@ def test_logit_memo_keys_on_any_split_tensors():
     la, lb = memo_logits(teacher, a), memo_logits(teacher, b)
     assert torch.equal(la, predict_logits(teacher, a)) and torch.equal(lb, predict_logits(teacher, b))
     assert torch.equal(lb, la.flip(0)) and memo_logits(teacher, a) is la
+
+
+def test_select_on_validation_picks_the_best_validation_run_and_ignores_test(tiny, monkeypatch):
+    # real runs: the choice is the argmax of the runs' validation accuracy, which is the model's accuracy on data.val
+    kw = dict(build={"arch": "cnn", "widths": (4, 8, 8)}, data=tiny, epochs=1, lr=3e-3, progress=False, keep_model=True)
+    teacher = freeze(models.build({"arch": "cnn", "widths": (4, 4, 4)}))
+    best, tried = runs.select_on_validation("m", {"ce": None, "kd": lambda: Distill(teacher, T=2.0, alpha=1.0)}, seed=0, **kw)
+    assert set(tried) == {"ce", "kd"} and best == max(tried, key=lambda k: tried[k].val_acc)
+    for run in tried.values():
+        assert run.val_acc == pytest.approx(evaluate(run.model, tiny.val)["acc"])
+    assert tried["ce"].test_acc == runs.train_run("again", seed=0, **kw).test_acc  # each candidate is a plain seeded run
+
+    # the rule itself: highest validation accuracy, ties to the first listed, test accuracy plays no part
+    fake = {"a": (0.5, 0.99), "b": (0.7, 0.10), "c": (0.7, 0.95), "d": (0.6, 1.0)}
+
+    def fake_run(name, seed, objective, **kwargs):
+        val, test = fake[objective]
+        return runs.Run(name, seed, test, val, 1, 0.0, None)
+
+    monkeypatch.setattr(runs, "train_run", fake_run)
+    best, tried = runs.select_on_validation("m", {k: k for k in fake}, seed=0, data=tiny)
+    assert best == "b" and [r.test_acc for r in tried.values()] == [0.99, 0.10, 0.95, 1.0]
+
+
+def test_select_on_validation_errors(tiny):
+    no_val = D.ImageData(tiny.name, tiny.train, None, tiny.test, tiny.teacher_train)
+    with pytest.raises(ValueError, match="validation split"):
+        runs.select_on_validation("m", {"ce": None}, seed=0, data=no_val, build={"arch": "cnn"}, epochs=1, lr=1e-3)
+    with pytest.raises(ValueError, match="empty"):
+        runs.select_on_validation("m", {}, seed=0, data=tiny, build={"arch": "cnn"}, epochs=1, lr=1e-3)
+
+
+def test_markdown_table_keeps_columns_the_first_row_lacks():
+    text = runs.markdown_table([{"name": "scratch", "acc": 0.5}, {"name": "kd", "acc": 0.61234, "vs scratch": "+11"}])
+    assert text.splitlines()[0] == "| name | acc | vs scratch |"
+    assert text.splitlines()[2] == "| scratch | 0.5 |  |" and text.splitlines()[3] == "| kd | 0.6123 | +11 |"
+    assert runs.markdown_table([{"a": 1, "b": 2}], ["b"]).splitlines()[0] == "| b |"

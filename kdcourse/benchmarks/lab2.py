@@ -18,8 +18,9 @@ import torch
 
 from .. import data, models, runtime
 from .. import features as fx
-from ..feature_kd import CRDDistill, FeatureDistill, Term, clear_teacher_cache, lab_settings
-from ..losses import feature, relation
+from ..feature_kd import (LAB2_METHODS, LAB2_WEIGHT_KEYS, FeatureDistill, Term, clear_teacher_cache, lab2_objective,
+                          lab_settings)
+from ..losses import relation
 from ..profiles import get_profile
 from ..train import fit, freeze
 from .common import cli, run_all, smoke_run_all
@@ -36,22 +37,18 @@ def _median_seconds(fn, repeats: int) -> float:
 
 def objectives(teacher, weights: dict, crd_k: int = 4096) -> dict:
     """The lab's methods (name -> zero-argument factory; None = cross-entropy)."""
-    return {
-        "scratch": None,
-        "response (KD)": lambda: FeatureDistill(teacher, [], T=4.0, alpha=0.9),
-        "FitNets (layer2)": lambda: FeatureDistill(teacher, [Term("layer2", "layer2", feature.hint_loss, weights["hint"])]),
-        "AT (3 stages)": lambda: FeatureDistill(teacher, [Term(f"layer{i}", f"layer{i}", feature.attention_transfer_loss,
-                                                                weights["at"]) for i in (1, 2, 3)]),
-        "SP (layer3)": lambda: FeatureDistill(teacher, [Term("layer3", "layer3", relation.similarity_preserving, weights["sp"])]),
-        "RKD (d + a)": lambda: FeatureDistill(teacher, [Term("fc:input", "fc:input", relation.rkd_distance, weights["rkd_distance"]),
-                                                        Term("fc:input", "fc:input", relation.rkd_angle, weights["rkd_angle"])]),
-        "CRD (simplified)": lambda: CRDDistill(teacher, weight=weights["crd"], k=crd_k),
-    }
+    return {m: lab2_objective(m, teacher, weights, crd_k=crd_k) for m in LAB2_METHODS}
 
 
-# runs of each method in the lab notebook, per seed of profile.seeds (the layer sweep adds 3 one-seed runs)
-LAB_RUNS_PER_SEED = {"scratch": 1, "response (KD)": 1, "FitNets (layer2)": 2, "AT (3 stages)": 1, "SP (layer3)": 1,
-                     "RKD (d + a)": 1, "CRD (simplified)": 1}
+def planned_runs(cfg: dict, n_seeds: int) -> dict:
+    """Student runs of each method in the lab notebook: one per seed, plus the
+    weight choice (one seed per extra candidate: the chosen one is the first
+    seed's run), plus the hint-layer sweep (layer1, layer3, channel means)."""
+    plan = {m: n_seeds for m in LAB2_METHODS}
+    for m in LAB2_WEIGHT_KEYS:
+        plan[m] += len(cfg["weight_scales"]) - 1
+    plan["feature (FitNets)"] += 3 * cfg["sweep_seeds"]
+    return plan
 
 
 PARTS = ("cost", "notebook", "smoke")
@@ -83,7 +80,8 @@ def _costs(profile: str, repeats: int) -> None:
 
     # 1. hooks: what reading features costs
     student = models.build(prof.student, ds.num_classes).to(dev).eval()
-    x = next(train.batches(prof.batch_size, device=dev)).x
+    bs = cfg["batch_size"]
+    x = next(train.batches(bs, device=dev)).x
     names = ["layer1", "layer2", "layer3", "fc:input"]
     with torch.no_grad():
         plain = _median_seconds(lambda: [student(x) for _ in range(10)], repeats) / 10
@@ -106,7 +104,7 @@ def _costs(profile: str, repeats: int) -> None:
         def one_epoch(make=make):
             runtime.seed_everything(0)
             m = models.build(prof.student, ds.num_classes)
-            fit(m, train, make() if make else None, epochs=1, lr=prof.lr, batch_size=prof.batch_size, progress=False)
+            fit(m, train, make() if make else None, epochs=1, lr=prof.lr, batch_size=bs, progress=False)
         per_epoch[name] = _median_seconds(one_epoch, repeats)
     base = per_epoch["scratch"]
     print(f"   {'objective':<18} {'s / epoch':>10} {'x scratch':>10}")
@@ -117,19 +115,17 @@ def _costs(profile: str, repeats: int) -> None:
     def live_epoch():
         runtime.seed_everything(0)
         m = models.build(prof.student, ds.num_classes)
-        fit(m, train.with_augment(True), objectives(teacher, cfg["weights"])["FitNets (layer2)"](), epochs=1,
-            lr=prof.lr, batch_size=prof.batch_size, progress=False)
+        fit(m, train.with_augment(True), lab2_objective("feature (FitNets)", teacher, cfg["weights"])(), epochs=1,
+            lr=prof.lr, batch_size=bs, progress=False)
     live = _median_seconds(live_epoch, repeats)
-    cached = per_epoch["FitNets (layer2)"]
+    cached = per_epoch["feature (FitNets)"]
     print(f"\n3. FitNets epoch with the teacher run live (augmentation on): {live:.2f} s = "
           f"{live / cached:.2f}x the cached epoch ({cached:.2f} s)")
 
     # 4. what the lab's plan of runs adds up to
-    seeds = len(prof.seeds)
-    total = sum(per_epoch[n] * k * seeds * cfg["epochs"] for n, k in LAB_RUNS_PER_SEED.items())
-    total += 3 * per_epoch["FitNets (layer2)"] * cfg["epochs"] * cfg["sweep_seeds"]
-    n_runs = sum(LAB_RUNS_PER_SEED.values()) * seeds + 3 * cfg["sweep_seeds"]
-    print(f"\n4. the lab trains {n_runs} students x {cfg['epochs']} epochs on {len(train)} images: "
+    plan = planned_runs(cfg, len(prof.seeds))
+    total = sum(per_epoch[m] * k * cfg["epochs"] for m, k in plan.items())
+    print(f"\n4. the lab trains {sum(plan.values())} students x {cfg['epochs']} epochs on {len(train)} images in batches of {bs}: "
           f"about {total:.0f} s of training on this machine (+ teacher pass {cache_s:.0f} s, data, the toy detector)")
     print(f"\ncost benchmark wall time {time.perf_counter() - t0:.0f} s", flush=True)
 
