@@ -319,6 +319,9 @@ class FeatureDistill(_TeacherTaps):
     for terms that take one).
     """
 
+    # fit may train in channels-last layout when the teacher is cached: the losses get contiguous tensors
+    channels_last_ok = property(lambda self: self._feats is not None)
+
     def __init__(self, teacher: nn.Module, terms: Sequence[Term | tuple], T=4.0, alpha=0.0, cache="auto"):
         terms = [t if isinstance(t, Term) else Term(*t) for t in terms]
         if not terms and alpha == 0:
@@ -352,7 +355,8 @@ class FeatureDistill(_TeacherTaps):
         s_logits, s_feats = fx.extract(model, batch.x, names) if names else (model(batch.x), {})
         loss, parts = self.response(s_logits, t_logits, batch.labels, state)
         for i, term in enumerate(self.terms):
-            s, t = s_feats[term.student], t_feats[term.teacher]
+            # contiguous: fit may train in channels-last layout, and a loss calling .view() expects the usual one
+            s, t = s_feats[term.student].contiguous(), t_feats[term.teacher].contiguous()
             value = term.loss(s, t, regressor=self.regressors[str(i)]) if str(i) in self.regressors else term.loss(s, t)
             w = scheduled(term.weight, state)
             loss = loss + w * value
@@ -376,6 +380,9 @@ class CRDDistill(_TeacherTaps):
     In ``setup`` the banks are sized to the training split and, when teacher
     outputs are cached, the teacher bank starts from real teacher embeddings.
     """
+
+    # fit may train in channels-last layout when the teacher is cached: the losses get contiguous tensors
+    channels_last_ok = property(lambda self: self._feats is not None)
 
     def __init__(self, teacher: nn.Module, student_layer: str = "fc:input", teacher_layer: str = "fc:input",
                  weight=0.8, dim: int = 128, k: int = 4096, temperature: float = 0.07, momentum: float = 0.5,
@@ -404,7 +411,7 @@ class CRDDistill(_TeacherTaps):
         t_logits, t_feats = self.teacher_step(batch)
         s_logits, s_feats = fx.extract(model, batch.x, [self.student_layer])
         loss, parts = self.response(s_logits, t_logits, batch.labels, state)
-        value = self.crd(s_feats[self.student_layer], t_feats[self.teacher_layer], batch.index)
+        value = self.crd(s_feats[self.student_layer].contiguous(), t_feats[self.teacher_layer].contiguous(), batch.index)
         loss = loss + scheduled(self.weight, state) * value
         parts["crd"] = value.item()
         return StepOutput(loss, s_logits, parts)

@@ -369,16 +369,19 @@ def _use_channels_last(objective: Objective, train: Split, dev: torch.device) ->
     CNNs on a CPU) only where nothing but the model sees the activations:
     on a CPU, with image batches, for cross-entropy, distillation from
     cached teacher logits, and objective classes that set
-    ``channels_last_ok = True`` themselves. Feature objectives (hooks,
-    student code calling ``.view``) and live teachers keep the default
-    layout."""
+    ``channels_last_ok = True`` themselves (or a property that says so per
+    instance: Lab 2's feature objectives with a cached teacher, which hand
+    the losses contiguous features so student code calling ``.view`` still
+    works). Live teachers keep the default layout."""
     images = getattr(train, "images", None)
     if dev.type != "cpu" or not isinstance(images, torch.Tensor) or images.dim() != 4:
         return False
     if type(objective) is Distill:
         return objective._cached is not None
-    # only classes that declare it themselves (a subclass that reads features must not inherit it)
-    return bool(type(objective).__dict__.get("channels_last_ok", False))
+    # only classes that declare it themselves (a subclass that reads features must not inherit it);
+    # a property decides per instance (e.g. only with a cached teacher)
+    flag = type(objective).__dict__.get("channels_last_ok", False)
+    return bool(flag.__get__(objective) if isinstance(flag, property) else flag)
 
 
 def _progress_bar(it, desc: str, enabled: bool):

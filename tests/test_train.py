@@ -214,8 +214,20 @@ def test_channels_last_only_where_nothing_else_sees_activations(tiny):
     assert _use_channels_last(Objective(), tiny.train, cpu)
     assert _use_channels_last(cached, tiny.train, cpu)
     assert not _use_channels_last(live, tiny.train, cpu)
-    assert not _use_channels_last(FeatureDistill(teacher, [Term("layer3", "layer3", relation.rkd_distance)]),
-                                  tiny.train, cpu)
+    feat_cached = FeatureDistill(teacher, [Term("layer3", "layer3", relation.rkd_distance)])
+    feat_live = FeatureDistill(teacher, [Term("layer3", "layer3", relation.rkd_distance)], cache=False)
+    student = models.build({"arch": "cnn", "widths": (4, 8, 8)})
+    assert not _use_channels_last(feat_cached, tiny.train, cpu)  # before setup: no cache yet
+    feat_cached.setup(student, tiny.train)
+    feat_live.setup(student, tiny.train)
+    assert _use_channels_last(feat_cached, tiny.train, cpu) and not _use_channels_last(feat_live, tiny.train, cpu)
+
+    class Inherits(FeatureDistill):  # a subclass must declare it itself
+        pass
+
+    sub = Inherits(teacher, [Term("layer3", "layer3", relation.rkd_distance)])
+    sub.setup(student, tiny.train)
+    assert not _use_channels_last(sub, tiny.train, cpu)
     assert not _use_channels_last(Objective(), tiny.train, torch.device("cuda"))
     model = models.build({"arch": "cnn", "widths": (4, 8, 8)})
     fit(model, tiny.train, epochs=1, lr=1e-3, progress=False)
@@ -271,3 +283,23 @@ def test_markdown_table_keeps_columns_the_first_row_lacks():
     assert text.splitlines()[0] == "| name | acc | vs scratch |"
     assert text.splitlines()[2] == "| scratch | 0.5 |  |" and text.splitlines()[3] == "| kd | 0.6123 | +11 |"
     assert runs.markdown_table([{"a": 1, "b": 2}], ["b"]).splitlines()[0] == "| b |"
+
+
+def test_feature_losses_see_contiguous_features_under_channels_last(tiny):
+    # a student's loss that calls .view() must work when fit trains in channels-last layout, and give the
+    # same training as the default layout (live teacher: no channels-last) up to float rounding
+    from kdcourse.feature_kd import FeatureDistill, Term, clear_teacher_cache
+
+    def flat_mse(s, t):  # .view() fails on a channels-last tensor
+        return (s.view(s.size(0), -1).pow(2).mean(1) - t.view(t.size(0), -1).pow(2).mean(1)).pow(2).mean()
+
+    teacher = freeze(models.build({"arch": "resnet", "depth": 8, "width": 4}))
+    losses = {}
+    for cache in (True, False):
+        clear_teacher_cache()
+        torch.manual_seed(0)
+        student = models.build({"arch": "cnn", "widths": (4, 8, 8)})
+        obj = FeatureDistill(teacher, [Term("layer2", "layer2", flat_mse, 5.0)], cache=cache)
+        losses[cache] = fit(student, tiny.train, obj, epochs=2, lr=3e-3, batch_size=32, progress=False).series("loss")
+        assert all(p.is_contiguous() for p in student.parameters())
+    assert losses[True] == pytest.approx(losses[False], rel=1e-3)
