@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ..losses import response
-from . import Case, CheckFailed, diagnose
+from . import Case, CheckFailed, contract, diagnose
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -22,20 +22,22 @@ def _logits(n, c, scale, seed):
 # Lab 1: soft targets
 # --------------------------------------------------------------------------
 
+SOFT_TARGETS_VARIANTS = {
+    "no_T": (lambda z, T: F.softmax(z, -1), "the temperature is ignored — divide the logits by T before the softmax."),
+    "times_T": (lambda z, T: F.softmax(z * T, -1), "the logits are multiplied by T; they must be *divided* by T (higher T → softer)."),
+    "log": (lambda z, T: F.log_softmax(z / T, -1), "this is log-softmax; soft targets are probabilities (use softmax)."),
+    "dim0": (lambda z, T: F.softmax(z / T, 0), "the softmax runs over the batch (dim 0); it must run over classes (dim=-1)."),
+    "naive": (lambda z, T: torch.exp(z / T) / torch.exp(z / T).sum(-1, keepdim=True),
+              "exp overflows for large logits; subtract the row maximum first (or use torch.softmax)."),
+}
+
+
 def check_soft_targets(fn: Callable) -> bool:
     """``fn(logits, T)`` must return softmax(logits / T) along the last dim."""
     cases = [Case((_logits(4, 5, 3.0, s), T), {}, f"(4, 5) logits at T={T}") for s, T in ((0, 1.0), (1, 4.0), (2, 0.5))]
     cases.append(Case((torch.tensor([[8.5, 7.8, 6.2, 0.1, -2.3]], dtype=torch.float64), 2.0), {}, "the seed's logits at T=2"))
     cases.append(Case((torch.tensor([[1000.0, 0.0, -1000.0]], dtype=torch.float64), 1.0), {}, "huge logits (overflow test)"))
-    variants = {
-        "no_T": (lambda z, T: F.softmax(z, -1), "the temperature is ignored — divide the logits by T before the softmax."),
-        "times_T": (lambda z, T: F.softmax(z * T, -1), "the logits are multiplied by T; they must be *divided* by T (higher T → softer)."),
-        "log": (lambda z, T: F.log_softmax(z / T, -1), "this is log-softmax; soft targets are probabilities (use softmax)."),
-        "dim0": (lambda z, T: F.softmax(z / T, 0), "the softmax runs over the batch (dim 0); it must run over classes (dim=-1)."),
-        "naive": (lambda z, T: torch.exp(z / T) / torch.exp(z / T).sum(-1, keepdim=True),
-                  "exp overflows for large logits; subtract the row maximum first (or use torch.softmax)."),
-    }
-    return diagnose("soft_targets", fn, response.soft_targets, cases, variants)
+    return diagnose("soft_targets", fn, response.soft_targets, cases, SOFT_TARGETS_VARIANTS)
 
 
 # --------------------------------------------------------------------------
@@ -107,3 +109,48 @@ def check_kd_loss(fn: Callable) -> bool:
     if s.grad is None or not torch.isfinite(s.grad).all():
         raise CheckFailed("kd_loss gives no finite gradient to student_logits — is something detached?")
     return ok
+
+
+# --------------------------------------------------------------------------
+# Declarations (kdcourse.checks.contract): what the grader probes
+# --------------------------------------------------------------------------
+
+def probe_soft_targets(fn: Callable, seed: int) -> dict:
+    """Logits of shape (C,), (N, C) or (A, B, C), at several temperatures,
+    huge logits on every fourth seed; the probabilities and their gradient."""
+    g = contract.generator(seed)
+    shape = [(int(torch.randint(2, 9, (1,), generator=g)),), (3, 7), (2, 3, 4), (5, 3)][seed % 4]
+    scale = 1000.0 if seed % 4 == 3 else 4.0  # exp(z) overflows float64 beyond 709
+    logits = (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).requires_grad_(True)
+    T = 1.0 if seed % 4 == 3 else [1.0, 2.0, 0.5, 4.0, 8.0, 3.0][seed % 6]
+    out = fn(logits, T)
+    if not isinstance(out, torch.Tensor):
+        raise contract.PlainDataError(f"soft_targets must return a torch.Tensor, got {type(out).__name__}")
+    return {"probs": contract.plain(out), "grad": contract.grad(out, [logits], seed)}
+
+
+def probe_kd_loss(fn: Callable, seed: int) -> dict:
+    """Random N, C, T and alpha (the defaults T=4, alpha=0.9 on every fifth
+    seed); the loss and its gradient w.r.t. the student's logits (the
+    teacher's side may or may not be detached: both are right)."""
+    g = contract.generator(seed)
+    n, c = int(torch.randint(1, 17, (1,), generator=g)), int(torch.randint(2, 13, (1,), generator=g))
+    s = (torch.randn(n, c, generator=g, dtype=torch.float64) * 2).requires_grad_(True)
+    t = torch.randn(n, c, generator=g, dtype=torch.float64) * 4
+    y = torch.randint(0, c, (n,), generator=g)
+    if seed % 5 == 0:
+        out = fn(s, t, y)
+    else:
+        T, alpha = [2.0, 1.0, 8.0, 3.0][seed % 4], [0.5, 0.3, 0.9, 0.7, 1.0][seed % 5]
+        out = fn(s, t, y, T=T, alpha=alpha)
+    return {"loss": contract.scalar(out, "kd_loss"), "grad_student": contract.grad(out, [s], seed)}
+
+
+EXERCISES = [
+    contract.Exercise(name="soft_targets", points=1.0, check=check_soft_targets, probe=probe_soft_targets,
+                      reference=response.soft_targets, variants=SOFT_TARGETS_VARIANTS, hidden_seeds=(0, 1, 2, 3, 4, 7),
+                      rtol=1e-6, atol=1e-9),
+    contract.Exercise(name="kd_loss", points=1.0, check=check_kd_loss, probe=probe_kd_loss,
+                      reference=response.kd_loss, variants=KD_LOSS_VARIANTS, hidden_seeds=(0, 1, 2, 3, 4, 6),
+                      rtol=1e-6, atol=1e-9, refuse=(response.kd_loss, response.kl_divergence)),
+]

@@ -1,0 +1,429 @@
+"""The exercise contract: each exercise is declared once, here-shaped, in its
+lab's checks module, and the notebook, ``labgen`` and the grader all read it.
+
+A lab's checks module (``kdcourse/checks/labN.py``) ends with a module-level
+list ``EXERCISES``; :func:`exercises_for` returns it (``exercises_for(1)``,
+``exercises_for("lab1")`` or ``exercises_for("01_classic_kd")``).
+
+One complete declaration (Lab 1's first exercise, as declared in ``lab1.py``)::
+
+    from ..losses import response
+    from . import contract
+
+    def probe_soft_targets(fn, seed):
+        # trusted package code: builds its own seeded inputs, calls fn, returns PLAIN data
+        g = contract.generator(seed)
+        shape = [(5,), (3, 7), (2, 3, 4)][seed % 3]           # every shape the docstring promises
+        logits = (torch.randn(*shape, generator=g, dtype=torch.float64) * 4).requires_grad_(True)
+        T = [1.0, 2.0, 0.5, 4.0, 8.0][seed % 5]
+        out = fn(logits, T)
+        return {"probs": contract.plain(out),
+                "grad": contract.grad(out, [logits], seed)}   # gradients, not only values
+
+    EXERCISES = [
+        contract.Exercise(
+            name="soft_targets",                  # the function the student defines in the notebook
+            points=1.0,
+            check=check_soft_targets,             # the visible check the notebook calls
+            probe=probe_soft_targets,
+            reference=response.soft_targets,      # refused inside the grading kernel (see below)
+            variants=SOFT_TARGETS_VARIANTS,       # {name: (fn, hint)}: the same known-wrong versions the check names
+            hidden_seeds=(0, 1, 2, 3, 4),         # the grader adds fresh random seeds each run
+            rtol=1e-6, atol=1e-9,
+        ),
+    ]
+
+How the grader uses it (``kdcourse.grading``): the student's notebook runs in
+a sandboxed plain Python process; for every exercise and seed that process
+calls ``probe(<the student's function>, seed)`` and sends back the plain data
+(JSON). The grader then computes ``probe(reference, seed)`` and, when they
+differ, ``probe(variant, seed)`` for each variant, IN ITS OWN PROCESS, and
+decides with :func:`diagnose_data`. Nothing the student's code made except
+plain data ever reaches the grader. So a probe must
+
+* be deterministic given ``seed`` (same data in two processes): seeded
+  generators only (:func:`generator`), float64 where possible, no clock
+  (except an exercise that measures time, whose ``compare`` is tolerant);
+* exercise every input shape and option the exercise's docstring promises,
+  including ones the visible check does not use (hidden tests);
+* return gradients where correctness includes them (:func:`grad`: the
+  gradient of the student's output w.r.t. each input);
+* return observations rich enough that producing them without doing the
+  exercise is as hard as doing it (values on seeded inputs, not only a
+  verdict);
+* never call the reference itself (it refuses to run in the grading kernel).
+
+Fields of :class:`Exercise`:
+
+``name``, ``points``, ``check``, ``probe``, ``reference`` as above;
+``variants`` ``{name: (fn, hint)}``: known-wrong versions with the same
+signature; ``hidden_seeds``: seeds always probed; ``rtol``/``atol``: the
+tolerance of :func:`compare`; ``compare``: optional
+``compare(student_data, other_data, seed) -> None | "where it differs"``
+(for exercises with several right answers, e.g. random calibration images);
+``refuse``: package functions an answer may not delegate to (default: the
+reference, when it lives in the package outside ``kdcourse.checks``);
+``timeout``: seconds one probe may take.
+
+Plain data: ``None``, ``bool``, ``int``, ``float`` (NaN and infinities
+allowed, and compared explicitly: NaN matches only NaN), ``str`` (capped),
+lists, dicts with ``str`` keys, and tensors as ``{"__tensor__": dtype,
+"shape": [...], "values": [...]}`` (:func:`plain`). :func:`validate` checks
+data received from an untrusted process (types, depth, size).
+"""
+from __future__ import annotations
+
+import gc
+import importlib
+import math
+import re
+import types
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+
+MAX_DEPTH = 24
+MAX_NUMBERS = 2_000_000
+MAX_STRING = 2_000
+MAX_KEYS = 10_000
+TENSOR_KEY = "__tensor__"
+
+
+class PlainDataError(ValueError):
+    """A value that is not plain data (or exceeds the size caps)."""
+
+
+class ReferenceRefused(RuntimeError):
+    """Raised by a package reference answer inside the grading kernel."""
+
+
+@dataclass(frozen=True)
+class Exercise:
+    name: str
+    points: float
+    check: Callable
+    probe: Callable[[Callable, int], Any]
+    reference: Callable
+    variants: Mapping[str, tuple] = field(default_factory=dict)
+    hidden_seeds: tuple = (0, 1, 2)
+    rtol: float = 1e-6
+    atol: float = 1e-9
+    compare: Callable | None = None
+    refuse: tuple = ()
+    timeout: float = 60.0
+
+    def refused_functions(self) -> tuple:
+        if self.refuse:
+            return tuple(self.refuse)
+        mod = getattr(self.reference, "__module__", "") or ""
+        if mod.startswith("kdcourse.") and not mod.startswith("kdcourse.checks"):
+            return (self.reference,)
+        return ()
+
+    def differs(self, student, other, seed) -> str | None:
+        """``None`` when ``student`` data agree with ``other`` on this seed."""
+        if self.compare is not None:
+            return self.compare(student, other, seed)
+        return compare(student, other, self.rtol, self.atol)
+
+
+# --------------------------------------------------------------------------
+# Plain data
+# --------------------------------------------------------------------------
+
+def plain(x, _depth: int = 0):
+    """``x`` as plain data: tensors become ``{"__tensor__": dtype, "shape",
+    "values"}`` (values flattened, float64/int64/bool), tuples become lists,
+    numbers and strings stay. Anything else raises :class:`PlainDataError`."""
+    if _depth > MAX_DEPTH:
+        raise PlainDataError(f"nested deeper than {MAX_DEPTH} levels")
+    if x is None or type(x) in (bool, int, str):
+        return x
+    if type(x) is float:
+        return x
+    if isinstance(x, torch.Tensor):
+        if type(x) not in (torch.Tensor, torch.nn.Parameter):
+            raise PlainDataError(f"a {type(x).__name__} (a tensor subclass) is not plain data; return a torch.Tensor")
+        t = x.detach().cpu()
+        if t.is_complex() or t.is_quantized or t.layout != torch.strided:
+            raise PlainDataError(f"a {t.dtype} tensor is not plain data")
+        kind = "bool" if t.dtype == torch.bool else "float64" if t.is_floating_point() else "int64"
+        conv = {"bool": torch.bool, "float64": torch.float64, "int64": torch.int64}[kind]
+        return {TENSOR_KEY: kind, "shape": list(t.shape), "values": t.to(conv).reshape(-1).tolist()}
+    if isinstance(x, (list, tuple)) and type(x) in (list, tuple):
+        return [plain(v, _depth + 1) for v in x]
+    if type(x) is dict:
+        out = {}
+        for k, v in x.items():
+            if type(k) is not str:
+                raise PlainDataError(f"dict keys must be strings, got {type(k).__name__}")
+            out[k] = plain(v, _depth + 1)
+        return out
+    if hasattr(x, "item") and type(x).__module__ == "numpy":
+        return plain(x.item(), _depth)
+    raise PlainDataError(f"a {type(x).__name__} is not plain data (tensors, numbers, strings, lists, dicts)")
+
+
+def validate(data, _depth: int = 0, _count: list | None = None):
+    """Check data received from an untrusted process; returns it unchanged or
+    raises :class:`PlainDataError`."""
+    count = _count if _count is not None else [0]
+    if _depth > MAX_DEPTH:
+        raise PlainDataError(f"nested deeper than {MAX_DEPTH} levels")
+    count[0] += 1
+    if count[0] > MAX_NUMBERS:
+        raise PlainDataError(f"more than {MAX_NUMBERS:,} values")
+    if data is None or type(data) in (bool, int, float):
+        if type(data) is int and abs(data) > 2 ** 63:
+            raise PlainDataError("an integer beyond 64 bits")
+        return data
+    if type(data) is str:
+        if len(data) > MAX_STRING:
+            raise PlainDataError(f"a string of {len(data)} characters (cap {MAX_STRING})")
+        return data
+    if type(data) is list:
+        for v in data:
+            validate(v, _depth + 1, count)
+        return data
+    if type(data) is dict:
+        if len(data) > MAX_KEYS:
+            raise PlainDataError(f"a dict of {len(data)} keys (cap {MAX_KEYS})")
+        for k, v in data.items():
+            if type(k) is not str or len(k) > MAX_STRING:
+                raise PlainDataError("dict keys must be short strings")
+            validate(v, _depth + 1, count)
+        if TENSOR_KEY in data:
+            _validate_tensor(data, count)
+        return data
+    raise PlainDataError(f"a {type(data).__name__} is not plain data")
+
+
+def _validate_tensor(d: dict, count: list) -> None:
+    kind, shape, values = d.get(TENSOR_KEY), d.get("shape"), d.get("values")
+    if set(d) != {TENSOR_KEY, "shape", "values"} or kind not in ("bool", "float64", "int64"):
+        raise PlainDataError("a malformed tensor record")
+    if type(shape) is not list or not all(type(n) is int and 0 <= n for n in shape) or len(shape) > 16:
+        raise PlainDataError("a tensor record with a malformed shape")
+    if type(values) is not list or len(values) != math.prod(shape):
+        raise PlainDataError("a tensor record whose values do not fill its shape")
+    want = {"bool": (bool,), "int64": (int,), "float64": (float, int)}[kind]
+    if not all(type(v) in want for v in values):
+        raise PlainDataError(f"a {kind} tensor record with values of another type")
+    count[0] += len(values)
+
+
+def is_tensor(d) -> bool:
+    return type(d) is dict and TENSOR_KEY in d
+
+
+def as_tensor(d) -> torch.Tensor:
+    """A tensor record back as a tensor (in the grader's process)."""
+    dtype = {"bool": torch.bool, "int64": torch.int64, "float64": torch.float64}[d[TENSOR_KEY]]
+    return torch.tensor(d["values"], dtype=dtype).reshape(d["shape"])
+
+
+# --------------------------------------------------------------------------
+# Comparing plain data, and naming the mistake
+# --------------------------------------------------------------------------
+
+def _fmt(x) -> str:
+    s = repr(x)
+    return s if len(s) <= 80 else s[:77] + "..."
+
+
+def compare(a, b, rtol: float = 1e-6, atol: float = 1e-9, path: str = "") -> str | None:
+    """``None`` when plain data ``a`` (the student's) agree with ``b``
+    (numbers within ``atol + rtol*|b|``, NaN only with NaN, everything else
+    equal); otherwise where and how they differ."""
+    where = path or "the result"
+    if is_tensor(a) or is_tensor(b):
+        if not (is_tensor(a) and is_tensor(b)):
+            return f"{where}: got {_kind(a)}, expected a tensor"
+        if a["shape"] != b["shape"]:
+            return f"{where}: shape {tuple(a['shape'])}, expected {tuple(b['shape'])}"
+        if (a[TENSOR_KEY] == "bool") != (b[TENSOR_KEY] == "bool"):
+            return f"{where}: dtype {a[TENSOR_KEY]}, expected {b[TENSOR_KEY]}"
+        ta, tb = as_tensor(a).double(), as_tensor(b).double()
+        if torch.allclose(ta, tb, rtol=rtol, atol=atol, equal_nan=True):
+            return None
+        bad = ~torch.isclose(ta, tb, rtol=rtol, atol=atol, equal_nan=True)
+        i = int(bad.reshape(-1).nonzero()[0])
+        finite = torch.isfinite(ta) & torch.isfinite(tb)
+        worst = float((ta - tb)[finite].abs().max()) if bool(finite.any()) else float("nan")
+        return (f"{where}: element {i} is {ta.reshape(-1)[i].item():.6g}, expected {tb.reshape(-1)[i].item():.6g} "
+                f"({int(bad.sum())} of {bad.numel()} elements differ; largest finite difference {worst:.3g})")
+    if type(b) is bool or type(a) is bool:
+        return None if a is b else f"{where}: got {_fmt(a)}, expected {_fmt(b)}"
+    if type(b) in (int, float) and type(a) in (int, float):
+        if math.isnan(b) or math.isnan(a):
+            return None if (math.isnan(a) and math.isnan(b)) else f"{where}: got {a!r}, expected {b!r}"
+        if math.isinf(a) or math.isinf(b):
+            return None if a == b else f"{where}: got {a!r}, expected {b!r}"
+        return None if abs(a - b) <= atol + rtol * abs(b) else f"{where}: got {a:.6g}, expected {b:.6g}"
+    if type(a) is not type(b):
+        return f"{where}: got {_kind(a)}, expected {_kind(b)}"
+    if type(b) is list:
+        if len(a) != len(b):
+            return f"{where}: {len(a)} items, expected {len(b)}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            d = compare(x, y, rtol, atol, f"{path}[{i}]")
+            if d:
+                return d
+        return None
+    if type(b) is dict:
+        if set(a) != set(b):
+            return f"{where}: keys {sorted(a)}, expected {sorted(b)}"
+        for k in b:
+            d = compare(a[k], b[k], rtol, atol, f"{path}[{k!r}]")
+            if d:
+                return d
+        return None
+    return None if a == b else f"{where}: got {_fmt(a)}, expected {_fmt(b)}"
+
+
+def _kind(x) -> str:
+    if is_tensor(x):
+        return f"a tensor of shape {tuple(x['shape'])}"
+    return {dict: "a dict", list: "a list", str: "a string", type(None): "None"}.get(type(x), type(x).__name__)
+
+
+@dataclass
+class Verdict:
+    ok: bool
+    hint: str = ""
+    variant: str | None = None  # the named mistake, when one explains the data
+
+
+def diagnose_data(exercise: Exercise, student: Mapping, reference: Mapping,
+                  variants: Callable[[str, int], Any] | Mapping | None = None) -> Verdict:
+    """Decide an exercise from plain data, in the grader's process.
+
+    ``student`` and ``reference``: ``{seed: data}``. ``variants``: either
+    ``{name: {seed: data}}`` or a function ``(name, seed) -> data`` (called
+    only when the student differs from the reference). A variant's hint is
+    given when the student's data match that variant on every seed and the
+    variant differs from the reference somewhere; otherwise the hint says
+    where the student differs from the reference."""
+    diffs = {s: exercise.differs(student[s], reference[s], s) for s in reference}
+    bad = [s for s, d in diffs.items() if d]
+    if not bad:
+        return Verdict(True)
+    for vname, (_fn, hint) in exercise.variants.items():
+        try:
+            vdata = {s: (variants[vname][s] if isinstance(variants, Mapping) else variants(vname, s)) for s in reference}
+        except Exception:  # a variant that cannot run on these inputs explains nothing
+            continue
+        if all(exercise.differs(student[s], vdata[s], s) is None for s in reference) and \
+                any(exercise.differs(vdata[s], reference[s], s) for s in reference):
+            return Verdict(False, f"{exercise.name} is not right yet: {hint}", vname)
+    s = bad[0]
+    return Verdict(False, f"{exercise.name} differs from the reference on a hidden test (seed {s}): {diffs[s]}")
+
+
+# --------------------------------------------------------------------------
+# Helpers for probes
+# --------------------------------------------------------------------------
+
+def generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(seed) % (2 ** 63))
+
+
+def grad(out, inputs, seed: int = 0):
+    """Gradients of the student's output w.r.t. each of ``inputs`` (tensors
+    or parameters), as plain tensors; a scalar output is differentiated
+    directly, a larger one through a seeded random weighting. An input the
+    output does not depend on gets zeros; an output without a graph gives
+    ``"no graph"``."""
+    if not isinstance(out, torch.Tensor):
+        raise PlainDataError(f"expected a tensor, got {type(out).__name__}")
+    if not out.requires_grad:
+        return "no graph"
+    w = torch.randn(out.shape, generator=generator(seed + 7), dtype=torch.float64).to(out.dtype) if out.ndim else None
+    target = (out * w).sum() if w is not None else out
+    gs = torch.autograd.grad(target, list(inputs), allow_unused=True)
+    return [plain(torch.zeros_like(x) if g is None else g) for x, g in zip(inputs, gs)]
+
+
+def scalar(out, name: str):
+    """The plain value of a loss that must be a 0-dim tensor."""
+    if not isinstance(out, torch.Tensor):
+        raise PlainDataError(f"{name} must return a torch.Tensor, got {type(out).__name__}")
+    if out.ndim != 0:
+        raise PlainDataError(f"{name} must return a scalar (0-dim tensor), got shape {tuple(out.shape)}")
+    return plain(out)
+
+
+# --------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------
+
+def lab_module(lab) -> str:
+    """``"kdcourse.checks.labN"`` for ``N``, ``"labN"`` or a notebook stem ``"0N_topic"``."""
+    if isinstance(lab, int):
+        n = lab
+    else:
+        s = str(lab)
+        m = re.fullmatch(r"lab(\d+)", s) or re.match(r"(\d+)_", s.rsplit("/", 1)[-1])
+        if not m:
+            raise ValueError(f"lab {lab!r}: pass a number, 'labN' or a notebook name such as '01_classic_kd'")
+        n = int(m.group(1))
+    return f"kdcourse.checks.lab{n}"
+
+
+def exercises_for(lab) -> list[Exercise]:
+    """The declared exercises of a lab, in notebook order (``[]`` if the lab
+    declares none)."""
+    try:
+        module = importlib.import_module(lab_module(lab))
+    except ModuleNotFoundError:
+        return []
+    return list(getattr(module, "EXERCISES", []))
+
+
+def exercise(lab, name: str) -> Exercise:
+    for e in exercises_for(lab):
+        if e.name == name:
+            return e
+    raise KeyError(f"lab {lab!r} declares no exercise {name!r}")
+
+
+def variant(lab, name: str, variant_name: str) -> Callable:
+    """A known-wrong variant as a function (tests plant it into a notebook)."""
+    return exercise(lab, name).variants[variant_name][0]
+
+
+# --------------------------------------------------------------------------
+# Reference answers refuse to run in the grading kernel
+# --------------------------------------------------------------------------
+
+def _refusal_code(qualname: str) -> types.CodeType:
+    src = (f"def refused(*args, **kwargs):\n"
+           f"    raise __import__('kdcourse.checks.contract', fromlist=['ReferenceRefused']).ReferenceRefused({qualname!r})\n")
+    ns: dict = {}
+    exec(compile(src, "<refused reference>", "exec"), ns)
+    return ns["refused"].__code__
+
+
+def refuse_references(exercises) -> list[str]:
+    """Inside the grading kernel, after the notebook's cells ran and before
+    any probe: replace the code of every package reference answer of these
+    exercises by a refusal. The function objects themselves are changed
+    (and every function in the process sharing their code), so a reference
+    captured earlier (``ref = kdcourse.losses.kd_loss``), a reset flag or
+    environment variable, or an alias does not bring it back. Returns the
+    refused names."""
+    done, codes = [], {}
+    for ex in exercises:
+        for fn in ex.refused_functions():
+            fn = getattr(fn, "__func__", fn)
+            if not isinstance(fn, types.FunctionType) or fn.__closure__:
+                continue
+            qual = f"{fn.__module__}.{fn.__qualname__}"
+            codes[fn.__code__] = _refusal_code(qual)
+            done.append(qual)
+    if codes:
+        for obj in gc.get_objects():
+            if isinstance(obj, types.FunctionType) and obj.__code__ in codes:
+                obj.__code__ = codes[obj.__code__]
+    return done
