@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.kdcourse-installed
 PORT   ?= 8888
 
-.PHONY: install lab test test-fast labs check-labs strip bench clean-cache chromium
+.PHONY: install lab test test-fast labs check-labs strip bench clean-cache chromium bubblewrap
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,7 +26,12 @@ lab: $(STAMP)
 chromium:
 	@bash scripts/ensure_chromium.sh
 
-test: $(STAMP) chromium
+# The grader runs each submission under Debian's bubblewrap (installed here
+# when missing); CI sets KDCOURSE_REQUIRE_SANDBOX=1 so a missing sandbox fails.
+bubblewrap:
+	@bash scripts/ensure_bubblewrap.sh
+
+test: $(STAMP) chromium bubblewrap
 	$(BIN)/python -m pytest
 
 test-fast: $(STAMP)
