@@ -159,6 +159,14 @@ class GradingCopy:
     def make(cls, refuse=(), quiet=(), parent: str | None = None) -> "GradingCopy":
         src = _package_dir()
         root = tempfile.mkdtemp(prefix="kdgrade-pkg-", dir=parent)
+        try:
+            return cls._fill(root, src, refuse, quiet)
+        except BaseException:
+            shutil.rmtree(root, ignore_errors=True)
+            raise
+
+    @classmethod
+    def _fill(cls, root, src, refuse, quiet) -> "GradingCopy":
         dest = os.path.join(root, "kdcourse")
         shutil.copytree(src, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"),
                         symlinks=False)
