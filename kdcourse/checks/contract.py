@@ -114,12 +114,12 @@ class Exercise:
     timeout: float = 60.0
 
     def refused_functions(self) -> tuple:
-        if self.refuse:
-            return tuple(self.refuse)
-        mod = getattr(self.reference, "__module__", "") or ""
-        if mod.startswith("kdcourse.") and not mod.startswith("kdcourse.checks"):
-            return (self.reference,)
-        return ()
+        """The reference (when it is a named function of the package) and
+        ``refuse``: what the grading kernel must not run."""
+        ref = self.reference
+        mod, qual = getattr(ref, "__module__", "") or "", getattr(ref, "__qualname__", "") or ""
+        own = (ref,) if mod.startswith("kdcourse.") and qual and "<" not in qual else ()
+        return tuple(dict.fromkeys(own + tuple(self.refuse)))
 
     def differs(self, student, other, seed) -> str | None:
         """``None`` when ``student`` data agree with ``other`` on this seed."""
@@ -322,8 +322,34 @@ def diagnose_data(exercise: Exercise, student: Mapping, reference: Mapping,
 
 
 # --------------------------------------------------------------------------
-# Helpers for probes
+# Running a probe, and helpers for writing one
 # --------------------------------------------------------------------------
+
+def run_probe(exercise: Exercise, fn: Callable, seed: int):
+    """``plain(exercise.probe(fn, seed))`` under the same conditions in every
+    process: global RNGs seeded with ``seed``, one torch thread, autograd on,
+    warnings silenced. The runner calls it on the student's function, the
+    grader on the reference and the variants."""
+    import random
+    import warnings
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy
+
+        numpy.random.seed(seed % 2 ** 32)
+    except ImportError:  # pragma: no cover - numpy comes with torch here
+        pass
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.enable_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return plain(exercise.probe(fn, seed))
+    finally:
+        torch.set_num_threads(threads)
+
 
 def generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed) % (2 ** 63))

@@ -1,0 +1,445 @@
+"""Grade one notebook: the grader's side, deciding in its own process.
+
+    lab = load_lab("labs/01_classic_kd.ipynb")          # the declared exercises + the solution
+    result = grade_notebook(lab, "alice.ipynb")           # -> result.NotebookResult
+
+1. The notebook is read with nbformat (nbformat 3 upgraded, not rejected).
+2. Its code cells, up to the last cell that defines an exercise function
+   (``Options.all_cells`` runs all), are sent to :mod:`kdcourse.grading.runner`
+   in a kernel started by ``launch`` (the batch passes the bubblewrap
+   launcher of :mod:`kdcourse.grading.sandbox`; the default here runs the
+   runner as a plain subprocess, for trusted notebooks and tests). Cells go
+   on after errors.
+3. For each declared exercise (:mod:`kdcourse.checks.contract`) the grader
+   sends probe requests for its hidden seeds plus ``Options.random_seeds``
+   fresh seeds from :mod:`secrets`, receives plain data, validates it,
+   computes the reference's data (and, when they differ, each known-wrong
+   variant's) here, and decides with :func:`contract.diagnose_data`.
+   Nothing the student's code prints or returns except that plain data is
+   used; the visible checks the student's cells call decide nothing.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import secrets
+import selectors
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+
+from .. import labgen
+from ..checks import contract
+from . import result as R
+
+STARTUP_GRACE = 120.0  # seconds for the kernel to start (imports) beyond the cells' own limit
+PROBE_GRACE = 15.0  # seconds beyond a probe's own limit before the kernel is killed
+MAX_LINE = 64 * 2 ** 20  # bytes of one protocol line
+
+
+# --------------------------------------------------------------------------
+# The lab: its declared exercises and its solution
+# --------------------------------------------------------------------------
+
+@dataclass
+class Lab:
+    name: str  # notebook stem, e.g. "01_classic_kd"
+    solution_path: str
+    solution: dict
+    lab: dict  # the student version, generated from the solution
+    exercises: list  # [contract.Exercise], in notebook order
+    cells: dict  # exercise name -> index of its solution cell
+
+
+def defined_functions(src: str) -> list[str]:
+    """Top-level functions a cell defines (regex fallback when it does not parse)."""
+    try:
+        from IPython.core.inputtransformer2 import TransformerManager
+
+        tree = ast.parse(TransformerManager().transform_cell(src))
+    except (SyntaxError, ValueError, ImportError):
+        return re.findall(r"^(?:async\s+)?def\s+(\w+)\s*\(", src, flags=re.M)
+    return [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+
+
+def solution_exercise_cells(solution: dict) -> dict:
+    """``{function name: cell index}`` for every function holding a
+    ``### BEGIN SOLUTION`` block in a code cell of a solution notebook."""
+    found = {}
+    for i in labgen.exercise_cells(solution):
+        cell = solution["cells"][i]
+        if cell["cell_type"] != "code":
+            continue
+        src = labgen.source(cell)
+        marks = [n + 1 for n, line in enumerate(src.split("\n")) if line.strip() == labgen.BEGIN]
+        try:
+            tree = ast.parse(src)
+        except SyntaxError:
+            continue
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and \
+                    any(node.lineno <= m <= (node.end_lineno or node.lineno) for m in marks):
+                found[node.name] = i
+    return found
+
+
+def declaration_problems(solution: dict, stem: str) -> list[str]:
+    """Where the declarations and the solution disagree (``labgen --check``
+    and :func:`load_lab` refuse such a lab)."""
+    declared = [e.name for e in contract.exercises_for(stem)]
+    cells = solution_exercise_cells(solution)
+    problems = [f"{stem}: exercise {n!r} is declared in {contract.lab_module(stem)}.EXERCISES but no solution cell "
+                f"defines it inside a {labgen.BEGIN} block" for n in declared if n not in cells]
+    problems += [f"{stem}: solution cell {i} defines exercise function {n!r}, which "
+                 f"{contract.lab_module(stem)}.EXERCISES does not declare" for n, i in cells.items() if n not in declared]
+    if len(set(declared)) != len(declared):
+        problems.append(f"{stem}: two declared exercises share a name ({declared})")
+    return problems
+
+
+def load_lab(path: str, solution: str | None = None) -> Lab:
+    """The lab to grade from ``labs/X.ipynb`` (its solution is found in
+    ``solutions/X.ipynb``) or from the solution itself."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"lab notebook {path!r} does not exist; pass labs/NN_topic.ipynb or solutions/NN_topic.ipynb")
+    if solution is None:
+        if labgen.exercise_cells(labgen.read(path)):
+            solution = path
+        else:
+            here = os.path.dirname(os.path.abspath(path))
+            solution = os.path.join(os.path.dirname(here), "solutions", os.path.basename(path))
+            if not os.path.isfile(solution):
+                raise FileNotFoundError(f"{path} is a student lab; its solution {solution} was not found — pass the "
+                                        f"solution notebook instead, or --solution PATH")
+    sol = labgen.read(solution)
+    stem = os.path.splitext(os.path.basename(solution))[0]
+    exercises = contract.exercises_for(stem)
+    if not exercises:
+        raise ValueError(f"{stem}: {contract.lab_module(stem)} declares no EXERCISES: nothing to grade")
+    problems = declaration_problems(sol, stem)
+    if problems:
+        raise ValueError("; ".join(problems))
+    cells = solution_exercise_cells(sol)
+    exercises.sort(key=lambda e: cells[e.name])
+    return Lab(stem, solution, sol, labgen.make_lab(sol, solution), exercises, {e.name: cells[e.name] for e in exercises})
+
+
+# --------------------------------------------------------------------------
+# What to run, and what changed in the notebook
+# --------------------------------------------------------------------------
+
+def plan(lab: Lab, nb: dict, options: R.Options) -> tuple[list[int], dict]:
+    """The code cells to run and ``{exercise: [cells defining it]}``."""
+    cells = nb["cells"]
+    where = {e.name: [] for e in lab.exercises}
+    for i, cell in enumerate(cells):
+        if cell.get("cell_type") == "code":
+            for f in set(defined_functions(labgen.source(cell))):
+                if f in where:
+                    where[f].append(i)
+    code = [i for i, c in enumerate(cells) if c.get("cell_type") == "code" and labgen.source(c).strip()]
+    if not options.all_cells:
+        last = max((i for idx in where.values() for i in idx), default=-1)
+        code = [i for i in code if i <= last]
+    skip = set(options.skip_tags)
+    code = [i for i in code if not skip & set(cells[i].get("metadata", {}).get("tags", []))]
+    return code, where
+
+
+def structure_notes(lab: Lab, nb: dict) -> list[str]:
+    """Lab cells deleted, cells added, cells reordered (matched by id, or by
+    source for notebooks without ids; an exercise cell matches the cell that
+    defines its function however it was edited)."""
+    by_index = {i: name for name, i in lab.cells.items()}
+    names = set(lab.cells)
+    use_ids = all(c.get("id") for c in nb["cells"]) and all(c.get("id") for c in lab.lab["cells"])
+
+    def key(cell, i=None, in_lab=False):
+        if in_lab and i in by_index:
+            return "ex:" + by_index[i]
+        if not in_lab and cell.get("cell_type") == "code":
+            hit = names & set(defined_functions(labgen.source(cell)))
+            if hit:
+                return "ex:" + sorted(hit)[0]
+        return cell.get("id") if use_ids else "src:" + labgen.source(cell).strip()
+
+    lab_keys = [key(c, i, True) for i, c in enumerate(lab.lab["cells"])]
+    sub_keys = [key(c) for c in nb["cells"]]
+    notes = []
+    missing = [i for i, k in enumerate(lab_keys) if k not in set(sub_keys)]
+    added = [k for k in sub_keys if k not in set(lab_keys)]
+    if missing:
+        notes.append(f"{len(missing)} lab cell(s) deleted (lab cells {', '.join(map(str, missing[:8]))}"
+                     f"{', …' if len(missing) > 8 else ''})")
+    if added:
+        notes.append(f"{len(added)} cell(s) added")
+    order = [lab_keys.index(k) for k in sub_keys if k in set(lab_keys)]
+    if any(b < a for a, b in zip(order, order[1:])):
+        notes.append("cells reordered relative to the lab")
+    return notes
+
+
+# --------------------------------------------------------------------------
+# Talking to the runner
+# --------------------------------------------------------------------------
+
+class KernelGone(RuntimeError):
+    pass
+
+
+class Session:
+    """One runner process: send JSON lines, read JSON lines with deadlines."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc = proc
+        self._buf = b""
+        self._sel = selectors.DefaultSelector()
+        self._sel.register(proc.stdout, selectors.EVENT_READ)
+        self._fd = proc.stdout.fileno()
+
+    def send(self, msg: dict) -> None:
+        try:
+            self.proc.stdin.write((json.dumps(msg) + "\n").encode("utf-8"))
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError, ValueError) as exc:
+            raise KernelGone("the kernel stopped reading (it exited or was killed)") from exc
+
+    def read(self, timeout: float) -> dict | None:
+        """The next message, ``None`` at the deadline; :class:`KernelGone` at EOF
+        or on a line that is not a JSON object."""
+        end = time.monotonic() + timeout
+        while b"\n" not in self._buf:
+            left = end - time.monotonic()
+            if left <= 0:
+                return None
+            if not self._sel.select(min(left, 1.0)):
+                continue
+            chunk = os.read(self._fd, 1 << 20)
+            if not chunk:
+                raise KernelGone("the kernel exited (it crashed, ran out of memory or time, or called exit)")
+            self._buf += chunk
+            if len(self._buf) > MAX_LINE:
+                raise KernelGone(f"the kernel sent a message over {MAX_LINE // 2 ** 20} MB")
+        line, self._buf = self._buf.split(b"\n", 1)
+        try:
+            msg = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise KernelGone("the kernel sent something that is not a JSON message") from exc
+        if not isinstance(msg, dict):
+            raise KernelGone("the kernel sent something that is not a JSON message")
+        return msg
+
+    def close(self, kill) -> None:
+        try:
+            self._sel.close()
+        finally:
+            kill(self.proc)
+
+
+def plain_launch(argv, workdir=None, env=None, **_kw) -> subprocess.Popen:
+    """Run the runner as a plain subprocess (no sandbox: trusted notebooks,
+    tests). Same interface as the batch's sandboxed launcher."""
+    from . import sandbox
+
+    return sandbox.launch(argv, workdir, env, sandbox=False)
+
+
+def _kill(proc) -> None:
+    from . import sandbox
+
+    sandbox.kill(proc)
+
+
+# --------------------------------------------------------------------------
+# Reference data, computed here
+# --------------------------------------------------------------------------
+
+_REF_CACHE: dict = {}
+_REF_LOCK = threading.Lock()
+
+
+def reference_data(ex: contract.Exercise, fn, key: str, seed: int):
+    """``run_probe(ex, fn, seed)`` in the grader's process (declared seeds cached)."""
+    k = (id(ex), key, seed)
+    with _REF_LOCK:
+        if k in _REF_CACHE:
+            return _REF_CACHE[k]
+    data = contract.run_probe(ex, fn, seed)
+    if seed in ex.hidden_seeds:
+        with _REF_LOCK:
+            _REF_CACHE[k] = data
+    return data
+
+
+def _seeds(ex: contract.Exercise, options: R.Options) -> list[int]:
+    return list(ex.hidden_seeds) + [secrets.randbelow(2 ** 31) + 1000 for _ in range(options.random_seeds)]
+
+
+# --------------------------------------------------------------------------
+# Grading one notebook
+# --------------------------------------------------------------------------
+
+def _error_notes(cell_errors: dict) -> list[str]:
+    by_kind: dict = {}
+    for i, (ename, _evalue) in cell_errors.items():
+        by_kind.setdefault(ename, []).append(i)
+    return [f"cell{'s' if len(idx) > 1 else ''} {', '.join(map(str, idx))} raised {kind}" for kind, idx in by_kind.items()]
+
+
+def _missing_hint(name: str, where: dict, cell_errors: dict, stopped: str) -> str:
+    cells = where.get(name) or []
+    if not cells:
+        return f"the exercise cell is missing (no `def {name}(...)` in the notebook)"
+    errs = [cell_errors[i] for i in cells if i in cell_errors]
+    if errs:
+        return f"the cell defining {name} failed: {errs[0][0]} {R.student_text(errs[0][1])}"
+    if stopped:
+        return f"not run: {stopped}"
+    return f"{name} is not defined after the notebook's cells ran"
+
+
+def _reply_hint(ex, reply: dict, seed: int, where, cell_errors, stopped) -> tuple[str, list]:
+    """(hint, notes) for a probe reply that is not data."""
+    status = reply.get("status")
+    name = ex.name
+    if status == "missing":
+        return _missing_hint(name, where, cell_errors, stopped), []
+    if status == "not_implemented":
+        return f"not attempted: {name} still raises NotImplementedError", []
+    if status == "refused":
+        return (f"{name} calls the package's reference answer, which does not run while grading: the exercise "
+                f"must be your own code {R.student_text(reply.get('message', ''))}",
+                [f"{name} delegates to a reference answer of the package (refused in the grading kernel)"])
+    if status == "timeout":
+        return f"{name} ran longer than {ex.timeout:g} s on a hidden test (seed {seed}) and was stopped", []
+    if status == "error":
+        kind = str(reply.get("type", "Error"))[:60]
+        what = "returned something the grader cannot use" if kind == "PlainDataError" else f"raised {kind}"
+        return f"{name} {what} on a hidden test (seed {seed}): {R.student_text(reply.get('message', ''))}", []
+    return f"{name}: the kernel answered the probe with an unknown status", []
+
+
+def grade_notebook(lab: Lab, nb, *, student: str | None = None, path: str = "", options: R.Options | None = None,
+                   launch=None, sandbox: str = "") -> R.NotebookResult:
+    """Grade one submission (``nb``: a notebook node, or a path read with
+    :func:`safe_io.read_notebook`). ``launch(argv, workdir, env) -> Popen``
+    starts the kernel (default: :func:`plain_launch`, no sandbox)."""
+    from . import safe_io
+
+    options = options or R.Options()
+    t0 = time.monotonic()
+    notes: list = []
+    if isinstance(nb, (str, os.PathLike)):
+        path = path or str(nb)
+        try:
+            nb, notes = safe_io.read_notebook(str(nb), options.max_notebook_bytes)
+        except (OSError, ValueError) as exc:
+            return R.not_graded(student or "", path, lab.exercises, "not a notebook",
+                                "the file is not a readable notebook", [f"unreadable: {exc}"], time.monotonic() - t0,
+                                sandbox)
+    student = student or os.path.splitext(os.path.basename(path))[0]
+    launch = launch or plain_launch
+    sandbox = sandbox or ("none (plain subprocess)" if launch is plain_launch else "")
+    notes = list(notes) + structure_notes(lab, nb)
+    order, where = plan(lab, nb, options)
+    for name, idx in where.items():
+        if len(idx) > 1:
+            notes.append(f"{name} is defined in {len(idx)} cells (the last one run counts)")
+    cells = nb["cells"]
+    params = next((i for i, c in enumerate(cells) if "parameters" in (c.get("metadata", {}).get("tags") or [])), None)
+    job = {"lab": lab.name, "exercises": [e.name for e in lab.exercises],
+           "cells": [{"index": i, "source": labgen.source(cells[i])} for i in order],
+           "preamble": f"PROFILE = {options.profile!r}  # injected by the grader", "preamble_after": params,
+           "timeout": options.timeout}
+    env = {"KDCOURSE_PROFILE": options.profile, "MPLBACKEND": "Agg",
+           "KDCOURSE_CACHE": options.cache or ".kdcourse/cache", "KDCOURSE_DATA": options.data or ".kdcourse/data"}
+    work = tempfile.mkdtemp(prefix="kdgrade-work-")
+    os.chmod(work, 0o777)
+    results = {e.name: R.ExerciseResult(e.name, float(e.points)) for e in lab.exercises}
+    status, session = "graded", None
+    try:
+        try:
+            proc = launch([sys.executable, "-m", "kdcourse.grading.runner"], work, env)
+        except Exception as exc:
+            return R.not_graded(student, path, lab.exercises, "sandbox failed", f"the kernel did not start ({exc})",
+                                notes, time.monotonic() - t0, sandbox)
+        session = Session(proc)
+        cell_errors, stopped, ready = {}, "", None
+        try:
+            session.send(job)
+            end = time.monotonic() + options.timeout + STARTUP_GRACE
+            while ready is None:
+                msg = session.read(max(0.0, end - time.monotonic()))
+                if msg is None:
+                    raise KernelGone(f"the notebook's cells ran past the time limit ({options.timeout:g} s) "
+                                     f"and the kernel did not stop")
+                if msg.get("event") == "cell":
+                    i = msg.get("index")
+                    if msg.get("status") == "error":
+                        cell_errors[i] = (str(msg.get("ename", ""))[:60], str(msg.get("evalue", "")))
+                    elif msg.get("status") == "timeout":
+                        stopped = f"cell {i} hit the notebook's time limit ({options.timeout:g} s); later cells were skipped"
+                        status = "time limit"
+                        notes.append(stopped)
+                elif msg.get("event") == "ready":
+                    ready = msg
+            notes.extend(_error_notes(cell_errors))
+            rid = 0
+            for ex in lab.exercises:
+                res = results[ex.name]
+                data, hint, extra = {}, "", []
+                for seed in _seeds(ex, options):
+                    timeout = min(ex.timeout, options.probe_timeout) if options.probe_timeout else ex.timeout
+                    session.send({"probe": ex.name, "seed": seed, "id": rid, "timeout": timeout})
+                    reply = session.read(timeout + PROBE_GRACE)
+                    rid += 1
+                    if reply is None:
+                        raise KernelGone(f"probing {ex.name}, the kernel stopped answering")
+                    if reply.get("status") != "ok":
+                        hint, extra = _reply_hint(ex, reply, seed, where, cell_errors, stopped)
+                        break
+                    try:
+                        data[seed] = contract.validate(reply.get("data"))
+                    except contract.PlainDataError as exc:
+                        hint = f"{ex.name}'s result is not plain data the grader can read ({exc})"
+                        break
+                if not hint:
+                    hint, extra = _decide(ex, data)
+                res.hint, res.notes = hint, extra
+                res.earned = 0.0 if hint else res.points
+        except KernelGone as exc:
+            status = "kernel died" if status == "graded" else status
+            notes.append(str(exc))
+            for res in results.values():
+                if not res.hint and res.earned == 0:
+                    res.hint = f"not graded: {exc}"
+        finally:
+            try:
+                session.send({"quit": True})
+            except KernelGone:
+                pass
+    finally:
+        if session is not None:
+            session.close(_kill)
+        shutil.rmtree(work, ignore_errors=True)
+    return R.NotebookResult(student, path, [results[e.name] for e in lab.exercises], status, notes,
+                            time.monotonic() - t0, sandbox)
+
+
+def _decide(ex: contract.Exercise, student: dict) -> tuple[str, list]:
+    try:
+        ref = {s: reference_data(ex, ex.reference, "reference", s) for s in student}
+    except Exception as exc:  # pragma: no cover - a bug in a declaration, not in the notebook
+        return f"not graded: the reference failed on a probe ({type(exc).__name__}: {exc})", ["grader error"]
+
+    def variant(name, seed):
+        return reference_data(ex, ex.variants[name][0], "variant:" + name, seed)
+
+    verdict = contract.diagnose_data(ex, student, ref, variant)
+    return ("" if verdict.ok else verdict.hint), ([f"matches the known mistake {verdict.variant!r}"] if verdict.variant else [])
