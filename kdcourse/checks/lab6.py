@@ -22,7 +22,6 @@ to name the mistake. The grader calls the same probes (``EXERCISES``).
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
@@ -30,31 +29,29 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import models
+from ..datafree import reference_step
 from ..losses import datafree
 from ..train import freeze
-from . import CheckFailed
+from . import CheckFailed, contract
 
 RTOL, ATOL = 1e-6, 1e-9
-HIDDEN_SEEDS = (11, 23, 37)
+HIDDEN_SEEDS = (0, 1, 2, 3, 5, 8)
 
 
 def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def plain(t) -> list | float:
-    """A tensor as nested lists of floats (a 0-dim tensor as a float)."""
-    t = t.detach().double().cpu()
-    return t.item() if t.ndim == 0 else t.tolist()
+    return contract.generator(seed)
 
 
 def tiny_teacher(seed: int, train_mode: bool = False) -> nn.Module:
-    """A float64 ResNet-8 of width 4 with made-up running statistics and BN
-    affine parameters (so that statistics before and after each BN differ)."""
-    torch.manual_seed(seed)
-    net = models.build({"arch": "resnet", "depth": 8, "width": 4, "stem_stride": 2}, 5).double()
+    """A float64 ResNet-8 of width 4 (5 classes) with seeded weights, made-up
+    running statistics and BN affine parameters (so that the statistics before
+    and after each BN differ)."""
     g = _gen(1000 + seed)
+    net = models.build({"arch": "resnet", "depth": 8, "width": 4, "stem_stride": 2}, 5).double()
     with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * (2.0 / max(1, p[0].numel())) ** 0.5
+                    if p.ndim > 1 else p)
         for _, bn in datafree.batch_norm_layers(net):
             c = bn.num_features
             bn.running_mean.copy_(0.3 * torch.randn(c, generator=g, dtype=torch.float64))
@@ -74,7 +71,8 @@ def _buffers(model: nn.Module) -> list:
 
 
 def _buffer_change(before: list, model: nn.Module) -> float:
-    return max((float((a.double() - b.double()).abs().max()) for a, b in zip(before, model.buffers()) if a.numel()), default=0.0)
+    return max((float((a.double() - b.double()).abs().max()) for a, b in zip(before, model.buffers()) if a.numel()),
+               default=0.0)
 
 
 def _hooks(model: nn.Module) -> int:
@@ -85,18 +83,32 @@ def _teacher_grad(model: nn.Module) -> float:
     return sum(float(p.grad.abs().sum()) for p in model.parameters() if p.grad is not None)
 
 
+def _call(name: str, fn: Callable, *args, **kwargs):
+    """Call the student's function; turn the in-place error of statistics
+    taken on a BN output (which a ReLU(inplace=True) then overwrites) into its hint."""
+    try:
+        return fn(*args, **kwargs)
+    except RuntimeError as exc:
+        if "inplace" in str(exc) or "in-place" in str(exc):
+            raise CheckFailed(f"{name}: backward failed because a tensor it kept was overwritten in place ({exc}). "
+                              "Did you take the batch-norm layer's OUTPUT? A ReLU(inplace=True) overwrites it; "
+                              "DeepInversion uses the layer's INPUT (a forward pre-hook).") from exc
+        raise
+
+
 # --------------------------------------------------------------------------
 # Exercise 1: the batch-norm statistics loss
 # --------------------------------------------------------------------------
 
 def _bn_variant(stats=datafree.channel_statistics, norm=torch.linalg.vector_norm, after=False, use_mean=True,
-                use_var=True, combine=lambda terms: torch.stack(terms).sum(), sqrt=False):
-    """A BN-statistics loss built from its pieces (the reference and its wrong variants)."""
+                use_var=True, combine=lambda terms: torch.stack(terms).sum(), sqrt=False, detach=False):
+    """A BN-statistics loss built from its pieces (the wrong variants, and the
+    step probe's own copy of the right one; it does not refuse train mode)."""
     def loss(teacher, images):
         terms = []
 
         def term(module, x):
-            mean, var = stats(x)
+            mean, var = stats(x.detach() if detach else x)
             rv = module.running_var
             if sqrt:
                 var, rv = var.sqrt(), rv.sqrt()
@@ -126,7 +138,7 @@ def _global(x):
     return x.mean(), x.var(unbiased=False)
 
 
-BN_REFERENCE = _bn_variant()
+BN_LOSS = _bn_variant()
 BN_VARIANTS = {
     "after_bn": (_bn_variant(after=True),
                  "the statistics are of the batch-norm layer's OUTPUT; DeepInversion matches the statistics of its "
@@ -144,47 +156,51 @@ BN_VARIANTS = {
                "and spatial dims (0, 2, 3) only."),
     "mean_over_layers": (_bn_variant(combine=lambda terms: torch.stack(terms).mean()),
                          "the layers' terms are averaged; DeepInversion SUMS them over the batch-norm layers."),
+    "detached": (_bn_variant(detach=True),
+                 "no gradient reaches the images: the statistics are detached (or computed under torch.no_grad()); "
+                 "the synthesis needs d loss / d images."),
 }
 
 
 def probe_bn_statistics_loss(fn: Callable, seed: int = 0) -> dict:
-    """Run ``fn(teacher, images) -> (loss, logits)`` on a seeded tiny teacher;
-    return the loss, the logits, d loss / d images, and what the call did to
-    the teacher (buffer change, hooks left)."""
-    shapes = [(3, 3, 8, 8), (2, 3, 12, 8), (4, 3, 8, 12), (2, 3, 16, 16)]
-    teacher = tiny_teacher(seed)
-    freeze(teacher)
+    """``fn(teacher, images) -> (loss, logits)`` on a seeded tiny teacher (in
+    eval mode) and images of several shapes (non-square ones too): the loss,
+    the logits, d loss / d images, and what the call did to the teacher
+    (buffer change, hooks left)."""
+    shapes = [(3, 3, 8, 8), (2, 3, 12, 8), (4, 3, 8, 12), (2, 3, 16, 16), (5, 3, 4, 4)]
+    teacher = freeze(tiny_teacher(seed))
     images = _images(seed + 1, shapes[seed % len(shapes)]).requires_grad_(True)
     before = _buffers(teacher)
-    out = fn(teacher, images)
+    out = _call("bn_statistics_loss", fn, teacher, images)
     if not (isinstance(out, (tuple, list)) and len(out) == 2 and all(isinstance(o, torch.Tensor) for o in out)):
-        raise CheckFailed("bn_statistics_loss must return a pair (loss, logits) of tensors, "
-                          f"got {type(out).__name__}")
+        raise CheckFailed(f"bn_statistics_loss must return a pair (loss, logits) of tensors, got {type(out).__name__}")
     loss, logits = out
-    if loss.ndim != 0:
-        raise CheckFailed(f"the loss must be a scalar (0-dim tensor), got shape {tuple(loss.shape)}")
-    grad = torch.autograd.grad(loss, images, allow_unused=True)[0] if loss.requires_grad else None
-    return {"loss": plain(loss), "logits": plain(logits),
-            "grad": plain(grad) if grad is not None else None,
-            "buffer_change": _buffer_change(before, teacher), "hooks_left": _hooks(teacher)}
+    data = {"loss": contract.scalar(loss, "bn_statistics_loss"), "logits": contract.plain(logits)}
+    data["grad"] = _call("bn_statistics_loss", contract.grad, loss, [images], seed)
+    data.update(buffer_change=_buffer_change(before, teacher), hooks_left=_hooks(teacher))
+    return data
 
 
 # --------------------------------------------------------------------------
 # Exercise 2: the image prior
 # --------------------------------------------------------------------------
 
-def _prior_variant(tv=datafree.total_variation, l2=lambda x: x.pow(2).mean(), swap=False):
+def _dxdy(x):
+    return x[..., :, 1:] - x[..., :, :-1], x[..., 1:, :] - x[..., :-1, :]
+
+
+def _tv(x):
+    return sum(d.pow(2).mean() for d in _dxdy(x))
+
+
+def _prior_variant(tv=_tv, l2=lambda x: x.pow(2).mean(), swap=False):
     def prior(images, tv_weight, l2_weight):
         a, b = (l2_weight, tv_weight) if swap else (tv_weight, l2_weight)
         return a * tv(images) + b * l2(images)
     return prior
 
 
-def _dxdy(x):
-    return x[..., :, 1:] - x[..., :, :-1], x[..., 1:, :] - x[..., :-1, :]
-
-
-PRIOR_REFERENCE = datafree.image_prior
+PRIOR = _prior_variant()
 PRIOR_VARIANTS = {
     "tv_abs": (_prior_variant(tv=lambda x: sum(d.abs().mean() for d in _dxdy(x))),
                "the total variation uses absolute differences; this course's prior SQUARES the neighbour differences."),
@@ -194,15 +210,14 @@ PRIOR_VARIANTS = {
                       "only horizontal neighbours are compared; add the vertical ones (differences along dim -2)."),
     "tv_vertical": (_prior_variant(tv=lambda x: _dxdy(x)[1].pow(2).mean()),
                     "only vertical neighbours are compared; add the horizontal ones (differences along dim -1)."),
-    "tv_halved": (_prior_variant(tv=lambda x: sum(d.pow(2).mean() for d in _dxdy(x)) / 2),
+    "tv_halved": (_prior_variant(tv=lambda x: _tv(x) / 2),
                   "the two directions are averaged; ADD the horizontal and the vertical mean squared differences."),
     "tv_wrap": (_prior_variant(tv=lambda x: (x - x.roll(1, -1)).pow(2).mean() + (x - x.roll(1, -2)).pow(2).mean()),
                 "the differences wrap around the image edge (torch.roll); compare neighbours inside the image only "
                 "(x[..., 1:] - x[..., :-1])."),
     "l2_norm": (_prior_variant(l2=lambda x: x.pow(2).sum().sqrt()),
                 "the L2 term is the norm of all pixels; use the MEAN squared pixel value, images.pow(2).mean()."),
-    "l2_sum": (_prior_variant(l2=lambda x: x.pow(2).sum()),
-               "the L2 term sums the squared pixels; use their mean."),
+    "l2_sum": (_prior_variant(l2=lambda x: x.pow(2).sum()), "the L2 term sums the squared pixels; use their mean."),
     "swapped": (_prior_variant(swap=True), "the weights are swapped: tv_weight multiplies the total variation, "
                                             "l2_weight the mean squared pixel."),
 }
@@ -210,33 +225,25 @@ PRIOR_VARIANTS = {
 
 def probe_image_prior(fn: Callable, seed: int = 0) -> dict:
     """``fn(images, tv_weight, l2_weight)`` on seeded images of a few shapes
-    and weights: its values and gradients."""
-    shapes = [(2, 3, 8, 8), (3, 3, 6, 10), (1, 3, 12, 5)]
+    (non-square ones too) and weights (each term alone, and both): the values
+    and their gradients."""
+    shapes = [(2, 3, 8, 8), (3, 3, 6, 10), (1, 3, 12, 5), (2, 1, 7, 9)]
     weights = [(1.0, 0.0), (0.0, 1.0), (0.7, 0.03), (2.0, 0.5)]
-    out = []
+    cases = []
     for k, (tv_w, l2_w) in enumerate(weights):
         images = _images(100 * seed + k, shapes[(seed + k) % len(shapes)]).requires_grad_(True)
         value = fn(images, tv_w, l2_w)
-        if not isinstance(value, torch.Tensor) or value.ndim != 0:
-            raise CheckFailed(f"image_prior must return a scalar tensor, got {type(value).__name__}"
-                              + (f" of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else ""))
-        grad = torch.autograd.grad(value, images, allow_unused=True)[0] if value.requires_grad else None
-        out.append({"value": plain(value), "grad": plain(grad) if grad is not None else None,
-                    "weights": [tv_w, l2_w], "shape": list(images.shape)})
-    return {"cases": out}
+        cases.append({"value": contract.scalar(value, "image_prior"), "grad": contract.grad(value, [images], seed)})
+    return {"cases": cases}
 
 
 # --------------------------------------------------------------------------
 # Exercise 3: the synthesis step
 # --------------------------------------------------------------------------
 
-def _bn_any_mode(teacher, images):
-    return datafree.bn_statistics_loss(teacher, images, require_eval=False)
-
-
 def _step_variant(freeze_mode=True, freeze_grad=True, zero_grad=True, ce=True, bn=True, use_prior=True, sign=1.0):
     def step(teacher, images, targets, optimizer, bn_weight=0.1, tv_weight=1.0, l2_weight=0.01,
-             bn_loss=_bn_any_mode, prior=datafree.image_prior):
+             bn_loss=BN_LOSS, prior=PRIOR):
         if freeze_mode:
             teacher.eval()
         if freeze_grad:
@@ -252,156 +259,138 @@ def _step_variant(freeze_mode=True, freeze_grad=True, zero_grad=True, ce=True, b
     return step
 
 
-STEP_REFERENCE = _step_variant()
+TRAIN_MODE_HINT = ("the teacher was left in train mode: its batch-norm running statistics changed during the step "
+                   "(they must be exactly as before). Call teacher.eval() (or kdcourse.train.freeze(teacher)) first.")
+GRAD_HINT = ("gradients reached the teacher's weights (p.grad is set on its parameters): freeze them with "
+             "teacher.requires_grad_(False) (or kdcourse.train.freeze), or take torch.autograd.grad w.r.t. the images only.")
 STEP_VARIANTS = {
+    "train_mode": (_step_variant(freeze_mode=False), TRAIN_MODE_HINT),
+    "grads_into_teacher": (_step_variant(freeze_grad=False), GRAD_HINT),
     "no_zero_grad": (_step_variant(zero_grad=False),
                      "the gradients accumulate from step to step: call optimizer.zero_grad() before backward()."),
     "ascent": (_step_variant(sign=-1.0), "the loss is maximised; minimise it (loss.backward(), not (-loss).backward())."),
     "no_ce": (_step_variant(ce=False), "the cross-entropy towards the target classes is missing: the images would not "
                                        "be pushed towards any class."),
     "no_bn": (_step_variant(bn=False), "the batch-norm statistics term is missing: add bn_weight * bn_statistics_loss."),
-    "no_prior": (_step_variant(use_prior=False), "the image prior is missing: add image_prior(images, tv_weight, l2_weight)."),
+    "no_prior": (_step_variant(use_prior=False), "the image prior is missing: add prior(images, tv_weight, l2_weight)."),
 }
-TRAIN_MODE_HINT = ("the teacher was left in train mode: its batch-norm running statistics changed during the step "
-                   "(they must be exactly as before). Call teacher.eval() (or kdcourse.train.freeze(teacher)) first.")
-GRAD_HINT = ("gradients reached the teacher's weights (p.grad is set on its parameters): freeze them with "
-             "teacher.requires_grad_(False) (or kdcourse.train.freeze), or take torch.autograd.grad w.r.t. the images only.")
 
 
 def _call_step(fn, *args, **kwargs):
-    """Call the step with the reference losses; fall back to a step that does
-    not take ``bn_loss``/``prior`` (it then uses the student's own)."""
+    """Call the step with the probe's own (right) losses; a step that does not
+    take ``bn_loss``/``prior`` is called without them (it uses its own)."""
     try:
-        return fn(*args, **kwargs, bn_loss=_bn_any_mode, prior=datafree.image_prior)
+        return _call("synthesis_step", fn, *args, **kwargs, bn_loss=BN_LOSS, prior=PRIOR)
     except TypeError as exc:
         if "bn_loss" not in str(exc) and "prior" not in str(exc):
             raise
-        return fn(*args, **kwargs)
+        return _call("synthesis_step", fn, *args, **kwargs)
 
 
 def probe_synthesis_step(fn: Callable, seed: int = 0) -> dict:
     """Two steps of ``fn`` with plain SGD (so the images' change is exactly
     ``-lr * gradient``) on a tiny teacher that arrives in train mode with
     trainable weights: the losses, the images after each step, the change in
-    the teacher's buffers and the gradient on its weights."""
+    the teacher's buffers and weights and the gradient on its weights."""
     teacher = tiny_teacher(seed, train_mode=True)
-    for p in teacher.parameters():
-        p.requires_grad_(True)
+    teacher.requires_grad_(True)
     before = _buffers(teacher)
     weights_before = [p.detach().clone() for p in teacher.parameters()]
     images = _images(seed + 7, (4, 3, 8, 8)).requires_grad_(True)
     targets = torch.randint(0, 5, (4,), generator=_gen(seed + 9))
     opt = torch.optim.SGD([images], lr=0.5)
-    weights = dict(bn_weight=[0.1, 0.5, 0.02][seed % 3], tv_weight=[1.0, 0.3, 2.0][seed % 3], l2_weight=[0.01, 0.1, 0.0][seed % 3])
+    weights = dict(bn_weight=[0.1, 0.5, 0.02][seed % 3], tv_weight=[1.0, 0.3, 2.0][seed % 3],
+                   l2_weight=[0.01, 0.1, 0.0][seed % 3])
     losses, snaps = [], []
     for _ in range(2):
         loss = _call_step(fn, teacher, images, targets, opt, **weights)
         losses.append(float(loss))
-        snaps.append(plain(images))
+        snaps.append(contract.plain(images))
     moved = max(float((a - p.detach()).abs().max()) for a, p in zip(weights_before, teacher.parameters()))
     return {"losses": losses, "images": snaps, "buffer_change": _buffer_change(before, teacher),
             "teacher_grad": _teacher_grad(teacher), "teacher_weights_moved": moved}
 
 
 # --------------------------------------------------------------------------
-# Comparing probes
+# Comparing probes, and the declarations the grader reads
 # --------------------------------------------------------------------------
 
-def _flat(x, path="") -> list:
-    """(path, number-or-None) leaves of nested dicts/lists."""
-    if isinstance(x, dict):
-        return [leaf for k in sorted(x) for leaf in _flat(x[k], f"{path}.{k}" if path else str(k))]
-    if isinstance(x, (list, tuple)):
-        return [leaf for i, v in enumerate(x) for leaf in _flat(v, f"{path}[{i}]")]
-    return [(path, x)]
+_FAULTS = (
+    ("buffer_change", TRAIN_MODE_HINT),
+    ("teacher_grad", GRAD_HINT),
+    ("teacher_weights_moved", GRAD_HINT),
+    ("hooks_left", "hooks are still registered on the teacher after the call: keep the handles that "
+                   "register_forward_pre_hook returns and call handle.remove() (in a finally block)."),
+)
 
 
-def first_difference(a: dict, b: dict, rtol: float = RTOL, atol: float = ATOL, skip=()) -> str | None:
-    """``None`` when two probes agree within tolerance, else where they first
-    differ (a missing gradient counts as a difference)."""
-    fa, fb = _flat(a), _flat(b)
-    if [p for p, _ in fa] != [p for p, _ in fb]:
-        pa, pb = {p for p, _ in fa}, {p for p, _ in fb}
-        return f"the output's structure differs ({sorted(pa ^ pb)[:3]} …)"
-    for (path, x), (_, y) in zip(fa, fb):
-        if any(path.startswith(s) for s in skip):
+def compare_probes(student: dict, other: dict, seed: int = 0, rtol: float = RTOL, atol: float = ATOL) -> str | None:
+    """``None`` when two probes agree. What a call did to the teacher is
+    compared first: a fault (running statistics moved, gradients in its
+    weights, hooks left) that both show counts as agreement — the fault
+    explains the rest — and a fault on one side only is the difference.
+    Otherwise values and gradients are compared within tolerance."""
+    for field, hint in _FAULTS:
+        if field not in other and field not in student:
             continue
-        if x is None or y is None:
-            if x is not y:
-                return f"{path}: {'no gradient' if x is None else x} vs {'no gradient' if y is None else y}"
-            continue
-        if isinstance(x, bool) or isinstance(x, str):
-            if x != y:
-                return f"{path}: {x!r} vs {y!r}"
-            continue
-        if not (math.isfinite(x) and math.isfinite(y) and abs(x - y) <= atol + rtol * abs(y)):
-            return f"{path}: {x:.6g} vs expected {y:.6g}"
+        fs, fo = float(student.get(field) or 0) > 0, float(other.get(field) or 0) > 0
+        if fs and fo:
+            return None
+        if fs != fo:
+            return f"{field}: {student.get(field)!r} vs {other.get(field)!r} ({hint})"
+    return contract.compare(student, other, rtol, atol)
+
+
+def _fault_hint(name: str, data: dict) -> str | None:
+    for field, hint in _FAULTS:
+        if float(data.get(field) or 0) > 0:
+            return f"{name} is not right yet: {hint}"
     return None
 
 
-def _run_probe(name, probe, fn, seed):
-    try:
-        return probe(fn, seed)
-    except NotImplementedError:
-        raise
-    except CheckFailed:
-        raise
-    except RuntimeError as exc:
-        if "inplace" in str(exc) or "in-place" in str(exc):
-            raise CheckFailed(f"{name}: backward failed because a tensor you kept was overwritten in place ({exc}). "
-                              "Did you take the batch-norm layer's OUTPUT? A ReLU(inplace=True) overwrites it; "
-                              "DeepInversion uses the layer's INPUT (a forward pre-hook).") from exc
-        raise CheckFailed(f"{name} raised RuntimeError: {exc}") from exc
-    except Exception as exc:
-        raise CheckFailed(f"{name} raised {type(exc).__name__}: {exc}") from exc
-
-
-def verdict(name: str, probe: Callable, student_out: dict, reference: Callable, variants: dict, seed: int,
-            teacher_rules: bool = False) -> str | None:
-    """``None`` if the student's probe output agrees with the reference's, else
-    the hint: a teacher rule broken, a named variant, or where it differs."""
-    if teacher_rules or "buffer_change" in student_out:
-        if student_out.get("buffer_change", 0.0) > 0:
-            return TRAIN_MODE_HINT
-        if student_out.get("teacher_grad", 0.0) > 0 or student_out.get("teacher_weights_moved", 0.0) > 0:
-            return GRAD_HINT
-        if student_out.get("hooks_left", 0) > 0:
-            return (f"{student_out['hooks_left']} hook(s) are still registered on the teacher after the call: keep the "
-                    "handles that register_forward_pre_hook returns and call handle.remove() (in a finally block).")
-    ref_out = probe(reference, seed)
-    diff = first_difference(student_out, ref_out)
-    if diff is None:
-        return None
-    if "grad" in diff and "no gradient" in diff:
-        return (f"{name}: no gradient reaches the images ({diff}); do not detach the statistics or compute them "
-                "under torch.no_grad() — the synthesis needs d loss / d images.")
-    for vname, (variant, hint) in variants.items():
-        if first_difference(student_out, probe(variant, seed)) is None:
-            return f"{name} is not right yet: {hint}"
-    return f"{name} differs from the reference: {diff}"
-
-
-def _check(name, probe, fn, reference, variants, seeds=(0, 1)) -> bool:
+def _check(exercise, fn, seeds=(0, 1)) -> bool:
+    """The visible check: the student's probe data against the reference's
+    and the variants', decided exactly as the grader decides."""
+    student, reference = {}, {}
     for seed in seeds:
-        out = _run_probe(name, probe, fn, seed)
-        hint = verdict(name, probe, out, reference, variants, seed)
+        student[seed] = contract.run_probe(exercise, fn, seed)
+        hint = _fault_hint(exercise.name, student[seed])
         if hint is not None:
             raise CheckFailed(hint)
-    print(f"✓ {name} matches the reference (values and gradients) on {len(seeds)} seeded cases "
-          f"(tolerance rtol={RTOL:g}, atol={ATOL:g})")
+        reference[seed] = contract.run_probe(exercise, exercise.reference, seed)
+    variants = lambda name, seed: contract.run_probe(exercise, exercise.variants[name][0], seed)  # noqa: E731
+    v = contract.diagnose_data(exercise, student, reference, variants)
+    if not v.ok:
+        raise CheckFailed(v.hint.replace("on a hidden test", "on a check input"))
+    print(f"✓ {exercise.name} matches the reference (values and gradients) on {len(seeds)} seeded cases "
+          f"(tolerance rtol={exercise.rtol:g}, atol={exercise.atol:g})")
     return True
 
 
 def check_bn_statistics_loss(fn: Callable) -> bool:
     """``fn(teacher, images) -> (loss, logits)``: DeepInversion's statistics loss."""
-    return _check("bn_statistics_loss", probe_bn_statistics_loss, fn, BN_REFERENCE, BN_VARIANTS)
+    return _check(contract.exercise(6, "bn_statistics_loss"), fn)
 
 
 def check_image_prior(fn: Callable) -> bool:
     """``fn(images, tv_weight, l2_weight)``: the squared-difference TV + mean L2 prior."""
-    return _check("image_prior", probe_image_prior, fn, PRIOR_REFERENCE, PRIOR_VARIANTS)
+    return _check(contract.exercise(6, "image_prior"), fn)
 
 
 def check_synthesis_step(fn: Callable) -> bool:
     """``fn(teacher, images, targets, optimizer, bn_weight=, tv_weight=, l2_weight=, bn_loss=, prior=)``."""
-    return _check("synthesis_step", probe_synthesis_step, fn, STEP_REFERENCE, STEP_VARIANTS)
+    return _check(contract.exercise(6, "synthesis_step"), fn)
+
+
+EXERCISES = [
+    contract.Exercise(name="bn_statistics_loss", points=1.0, check=check_bn_statistics_loss,
+                      probe=probe_bn_statistics_loss, reference=datafree.bn_statistics_loss, variants=BN_VARIANTS,
+                      hidden_seeds=HIDDEN_SEEDS, rtol=RTOL, atol=ATOL, compare=compare_probes,
+                      refuse=(datafree.bn_statistics_loss, datafree.synthesis_loss)),
+    contract.Exercise(name="image_prior", points=1.0, check=check_image_prior, probe=probe_image_prior,
+                      reference=datafree.image_prior, variants=PRIOR_VARIANTS, hidden_seeds=HIDDEN_SEEDS,
+                      rtol=RTOL, atol=ATOL, refuse=(datafree.image_prior, datafree.total_variation)),
+    contract.Exercise(name="synthesis_step", points=1.0, check=check_synthesis_step, probe=probe_synthesis_step,
+                      reference=reference_step, variants=STEP_VARIANTS, hidden_seeds=HIDDEN_SEEDS,
+                      rtol=RTOL, atol=ATOL, compare=compare_probes, refuse=(reference_step,)),
+]
