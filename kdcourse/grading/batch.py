@@ -67,6 +67,8 @@ class Batch:
         read_only = [p for p in (self.options.cache, self.options.data) if p]
 
         def start(argv, workdir=None, env=None, limits=None, **kw):
+            # sandboxed, the kernel works in its own size-capped tmpfs: the host folder is not bound
+            workdir = None if self.use_sandbox else workdir
             return sandbox.launch(argv, workdir, env, limits or self.limits, sandbox=self.use_sandbox,
                                   package=self.package, read_only=read_only, **kw)
         return start

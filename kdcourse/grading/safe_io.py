@@ -151,7 +151,7 @@ def find_submissions(folder: str) -> tuple[list[tuple[str, str]], list[str]]:
                 skipped.append(f"{rel}: a symbolic link (not followed; scored as not a notebook)")
             # links, FIFOs and devices keep their row: reading them is refused with the reason
             found.append((os.path.splitext(rel)[0].replace(os.sep, "/"), p))
-    return found, skipped
+    return sorted(found), skipped
 
 
 # --------------------------------------------------------------------------

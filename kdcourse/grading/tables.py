@@ -142,9 +142,10 @@ def feedback_md(lab_name: str, r, info: dict) -> str:
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
-def feedback_names(students) -> dict[str, str]:
-    """``{student: file name}`` (``.md``), unique, plain characters only."""
-    out, used = {}, set()
+def feedback_names(students) -> list[str]:
+    """A file name (``.md``) for each student, in order: unique (two rows
+    with the same name get two files), plain characters only."""
+    out, used = [], set()
     for s in students:
         base = unicodedata.normalize("NFKD", s)
         base = "".join(ch for ch in base if not unicodedata.combining(ch))
@@ -154,7 +155,7 @@ def feedback_names(students) -> dict[str, str]:
         while name.lower() in used:
             name, k = f"{base}-{k}", k + 1
         used.add(name.lower())
-        out[s] = name + ".md"
+        out.append(name + ".md")
     return out
 
 
@@ -173,8 +174,7 @@ def write_all(out_dir: str, lab_name: str, exercises, results, info: dict) -> li
     fb_dir = os.path.join(out_dir, "feedback", lab_name)
     fdfd = open_out_dir(fb_dir)
     try:
-        for student, fname in feedback_names([r.student for r in results]).items():
-            r = next(x for x in results if x.student == student)
+        for r, fname in zip(results, feedback_names([r.student for r in results])):
             write_atomic(fdfd, fname, feedback_md(lab_name, r, info))
             written.append(f"feedback/{lab_name}/{fname}")
     finally:
