@@ -261,6 +261,10 @@ def compare(a, b, rtol: float = 1e-6, atol: float = 1e-9, path: str = "") -> str
         if math.isinf(a) or math.isinf(b):
             return None if a == b else f"{where}: got {a!r}, expected {b!r}"
         return None if abs(a - b) <= atol + rtol * abs(b) else f"{where}: got {a:.6g}, expected {b:.6g}"
+    if type(a) is dict and "raised" in a and not (type(b) is dict and "raised" in b):
+        return f"{where}: raised {_fmt(a['raised'])} where the reference returns a result"
+    if type(b) is dict and "raised" in b and not (type(a) is dict and "raised" in a):
+        return f"{where}: returned a result where the reference raises {_fmt(b['raised'])}"
     if type(a) is not type(b):
         return f"{where}: got {_kind(a)}, expected {_kind(b)}"
     if type(b) is list:
@@ -349,6 +353,28 @@ def run_probe(exercise: Exercise, fn: Callable, seed: int):
             return plain(exercise.probe(fn, seed))
     finally:
         torch.set_num_threads(threads)
+
+
+REFUSAL_MARK = "refuses to run while grading"  # in the grading copy's refusals (kdcourse.grading.sandbox)
+
+
+def is_refusal(exc: BaseException) -> bool:
+    """Whether ``exc`` is a reference answer refusing to run."""
+    return isinstance(exc, ReferenceRefused) or REFUSAL_MARK in str(exc)
+
+
+def attempt(fn: Callable, *args, **kwargs):
+    """``(fn(*args, **kwargs), None)``, or ``(None, {"raised": "<type>"})``
+    when it raises (for probes that test how a function fails; an untouched
+    exercise's ``NotImplementedError`` and a refused reference pass through)."""
+    try:
+        return fn(*args, **kwargs), None
+    except NotImplementedError:
+        raise
+    except Exception as exc:
+        if is_refusal(exc):
+            raise
+        return None, {"raised": type(exc).__name__}
 
 
 def generator(seed: int) -> torch.Generator:

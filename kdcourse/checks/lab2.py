@@ -1,19 +1,25 @@
-"""Lab 2 checks: the hook extractor, the FitNets hint loss, attention
-transfer and the RKD distance loss — each names the usual mistakes."""
+"""Lab 2 checks: the hook extractor, the FitNets hint loss, the FitNets
+objective and its parameter list, attention transfer, the RKD distance loss,
+the similarity-preserving loss and in-batch InfoNCE — each names the usual
+mistakes, compares gradients with the reference's (not only values) and
+names an in-place change of an input as such."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import features as fx
+from ..data import Split
 from ..losses import feature, relation
 from ..models import ResNet, SmallCNN
-from . import Case, CheckFailed, diagnose
+from ..train import StepOutput, TrainState
+from . import Case, CheckFailed, contract, diagnose
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -224,22 +230,16 @@ def check_hint_loss(fn: Callable) -> bool:
     # with equal channels a forgotten regressor still runs: say so
     ignored = {"ignored": (_ignored_regressor, "the regressor is not applied (channels happen to match here): "
                                                "FitNets always compares regressor(student) with the teacher.")}
+    check_inputs_untouched("hint_loss", fn, cases[0].args, ("student", "teacher", "regressor"))
     _quiet(diagnose, "hint_loss", fn, feature.hint_loss, [cases[2]], {**ignored, **HINT_VARIANTS}, rtol=1e-6, atol=1e-9)
     ok = diagnose("hint_loss", fn, feature.hint_loss, cases, HINT_VARIANTS, rtol=1e-6, atol=1e-9)
 
-    # gradients must reach the student and the regressor, not the teacher
-    s = _randn(2, 4, 4, 4, seed=11).requires_grad_(True)
-    t = _randn(2, 8, 8, 8, seed=12).requires_grad_(True)
-    reg = _regressor(4, 8, seed=5)
-    out = fn(s, t, reg)
-    if out.ndim != 0:
-        raise CheckFailed(f"hint_loss must return a scalar, got shape {tuple(out.shape)}")
-    out.backward()
-    if s.grad is None or reg.proj.weight.grad is None:
-        raise CheckFailed("no gradient reaches the student or the regressor — is something detached or under no_grad?")
-    if t.grad is not None and t.grad.abs().sum() > 0:
-        raise CheckFailed("the loss sends gradients into the teacher's features: use teacher.detach() "
-                          "(the teacher is frozen; only the student and the regressor learn)")
+    # gradients must reach the student and the regressor exactly as in the reference, none the teacher
+    for c in (Case((_randn(2, 4, 4, 4, seed=11), _randn(2, 8, 8, 8, seed=12), _regressor(4, 8, seed=5)), {},
+                   "student (2, 4, 4, 4), teacher (2, 8, 8, 8)"),
+              Case((_randn(3, 6, seed=13), _randn(3, 9, seed=14), _regressor(6, 9, "linear", seed=6)), {},
+                   "vectors (3, 6) and (3, 9)")):
+        check_gradients("hint_loss", fn, feature.hint_loss, c.args, label=c.label)
     return ok
 
 
@@ -326,14 +326,10 @@ def check_attention_transfer(fn: Callable) -> bool:
              "student (2, 6, 8, 8) larger than teacher (2, 6, 4, 4)"),
         Case((_randn(5, 3, 5, 5, seed=27) * 10, _randn(5, 7, 5, 5, seed=28) * 0.1), {}, "very different scales"),
     ]
+    check_inputs_untouched("at_loss", fn, cases[1].args, ("student", "teacher"))
     ok = diagnose("attention_transfer_loss", fn, feature.attention_transfer_loss, cases, AT_VARIANTS, rtol=1e-6, atol=1e-9)
-    s = _randn(2, 4, 4, 4, seed=29).requires_grad_(True)
-    out = fn(s, _randn(2, 8, 8, 8, seed=30))
-    if out.ndim != 0:
-        raise CheckFailed(f"the loss must be a scalar, got shape {tuple(out.shape)}")
-    out.backward()
-    if s.grad is None or not torch.isfinite(s.grad).all():
-        raise CheckFailed("no finite gradient reaches the student's features — is something detached?")
+    for c in cases[1:3]:
+        check_gradients("at_loss", fn, feature.attention_transfer_loss, c.args, label=c.label)
     return ok
 
 
@@ -384,8 +380,861 @@ def check_rkd_distance(fn: Callable) -> bool:
         Case((_randn(6, 4, seed=44) * 0.1, outlier), {}, "a teacher batch with one far outlier"),
         Case((_randn(5, 3, seed=45) * 10, _randn(5, 3, seed=46) + 4), {}, "different scales and offsets"),
     ]
-    return diagnose("rkd_distance", fn, relation.rkd_distance, cases, RKD_VARIANTS, rtol=1e-6, atol=1e-9)
+    check_inputs_untouched("rkd_distance", fn, cases[0].args, ("student", "teacher"))
+    ok = diagnose("rkd_distance", fn, relation.rkd_distance, cases, RKD_VARIANTS, rtol=1e-6, atol=1e-9)
+    for c in cases[:2]:
+        check_gradients("rkd_distance", fn, relation.rkd_distance, c.args, label=c.label)
+    return ok
+
+
+# --------------------------------------------------------------------------
+# Shared by every Lab 2 check: inputs left alone, gradients like the reference's
+# --------------------------------------------------------------------------
+
+def _clone_args(args):
+    return tuple(copy.deepcopy(a) if isinstance(a, nn.Module) else
+                 (a.detach().clone() if isinstance(a, torch.Tensor) else a) for a in args)
+
+
+def check_inputs_untouched(name: str, fn: Callable, args: tuple, arg_names: Sequence[str]) -> None:
+    """Call ``fn(*args)`` on copies and raise if it changed an input tensor
+    (or a module's weights) in place — named as such, not as a wrong value."""
+    before = _clone_args(args)
+    given = _clone_args(args)
+    try:
+        fn(*given)
+    except NotImplementedError:
+        raise
+    except Exception as exc:
+        raise CheckFailed(f"{name} raised {type(exc).__name__}: {exc} (inputs of shapes "
+                          f"{[tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]})") from exc
+    for a0, a1, label in zip(before, given, arg_names):
+        if isinstance(a0, torch.Tensor) and not torch.equal(a0, a1.detach()):
+            raise CheckFailed(f"{name} changed its input `{label}` in place (largest change "
+                              f"{float((a0 - a1.detach()).abs().max()):.3g}): an in-place operation (x.relu_(), "
+                              f"x.pow_(2), x += ..., x[...] = ..., x.data = ...) overwrote the caller's tensor — the "
+                              f"training loop and the other loss terms read it afterwards. Compute on new tensors "
+                              f"(x.relu(), x.pow(2), x = x + ...).")
+        if isinstance(a0, nn.Module):
+            for (k, v0), v1 in zip(a0.state_dict().items(), a1.state_dict().values()):
+                if not torch.equal(v0, v1):
+                    raise CheckFailed(f"{name} changed `{label}.{k}` in place: a loss must not modify the "
+                                      f"module's weights (only the optimiser does)")
+
+
+def check_gradients(name: str, fn: Callable, reference: Callable, args: tuple, student: int = 0, teacher: int = 1,
+                    rtol: float = 1e-5, atol: float = 1e-9, label: str = "") -> None:
+    """The gradient of ``fn(*args)`` w.r.t. the student input (and any module
+    argument's parameters) must equal the reference's; none may reach the
+    teacher input. A loss that detaches the wrong side, or leaves autograd
+    (``.item()``, ``.numpy()``, ``.data``), fails here even with the right value."""
+    def run(f):
+        a = list(_clone_args(args))
+        a[student] = a[student].requires_grad_(True)
+        a[teacher] = a[teacher].requires_grad_(True)
+        return f(*a), a
+
+    out, a = run(fn)
+    ref, r = run(reference)
+    where = f" (on {label})" if label else ""
+    if not isinstance(out, torch.Tensor) or out.ndim != 0:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise CheckFailed(f"{name} must return a scalar tensor (a 0-d loss), got {shape}{where}")
+    if not out.requires_grad:
+        raise CheckFailed(f"{name}'s result carries no gradient{where}: the student's side is detached, computed "
+                          f"under torch.no_grad(), or rebuilt from numbers (.item(), .numpy(), torch.tensor(...)) — "
+                          f"detach the teacher only")
+    mods = [i for i, x in enumerate(a) if isinstance(x, nn.Module)]
+    out.backward()
+    ref.backward()
+    t_grad = a[teacher].grad
+    if t_grad is not None and float(t_grad.abs().max()) > 0:
+        raise CheckFailed(f"{name} sends gradients into the teacher's features{where}: use teacher.detach() — the "
+                          f"teacher is frozen; only the student (and a regressor) learn")
+    s_grad, s_ref = a[student].grad, r[student].grad
+    if s_grad is None or (float(s_grad.abs().max()) == 0 and float(s_ref.abs().max()) > 0):
+        raise CheckFailed(f"no gradient reaches the student's features{where}: did you detach the student's side "
+                          f"(or the wrong side)? Only the teacher is a constant.")
+    if not torch.allclose(s_grad.double(), s_ref.double(), rtol=rtol, atol=atol):
+        raise CheckFailed(f"{name} has the right value but the wrong gradient with respect to the student's "
+                          f"features{where} (largest difference {float((s_grad - s_ref).abs().max()):.3g}): part of "
+                          f"the student's computation is detached or done outside autograd (.detach(), .item(), "
+                          f".data, a NumPy detour)")
+    for i in mods:
+        for (pname, p), q in zip(a[i].named_parameters(), r[i].parameters()):
+            if q.grad is None:
+                continue
+            if p.grad is None or float(p.grad.abs().max()) == 0 and float(q.grad.abs().max()) > 0:
+                raise CheckFailed(f"no gradient reaches the regressor ({pname}){where}: it must be applied to the "
+                                  f"student's features inside the graph, so the optimiser can train it")
+            if not torch.allclose(p.grad.double(), q.grad.double(), rtol=rtol, atol=atol):
+                raise CheckFailed(f"{name}: the regressor's gradient ({pname}) differs from the reference's{where} "
+                                  f"(largest difference {float((p.grad - q.grad).abs().max()):.3g})")
+
+
+# --------------------------------------------------------------------------
+# Exercise 3: the FitNets objective, and what the optimiser trains
+# --------------------------------------------------------------------------
+
+def fitnets_setting(seed: int = 0, n: int = 6):
+    """A small teacher (ResNet-8, width 8, full resolution: layer1-3 at 32, 16
+    and 8 px with 8, 16, 32 channels), a student (SmallCNN (4, 6, 8): 16, 8,
+    4 px with 4, 6, 8 channels), a split of ``n`` 32x32 images and its first
+    batch, in float32 (a regressor built with nn.Conv2d defaults matches).
+    Every hinted layer needs a regressor and pooling."""
+    torch.manual_seed(seed)
+    teacher = ResNet(8, 8, num_classes=4, stem_stride=1)
+    with torch.no_grad():  # non-trivial running statistics: train and eval mode give different features
+        for m in teacher.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    teacher.eval()
+    student = SmallCNN((4, 6, 8), num_classes=4)
+    g = _gen(seed + 100)
+    x = torch.randn(n, 3, 32, 32, generator=g)
+    labels = torch.randint(0, 4, (n,), generator=g)
+    split = Split(x, labels, ("a", "b", "c", "d"))
+    batch = next(split.batches(n))
+    return teacher, student, split, batch
+
+
+class _TeacherCalls:
+    """Records (training, grad enabled) for every forward of a module of the
+    teacher's type — copies of the teacher included."""
+
+    def __init__(self, teacher_type):
+        self.teacher_type, self.calls = teacher_type, []
+
+    def __enter__(self):
+        def hook(module, inputs):
+            if type(module) is self.teacher_type:
+                self.calls.append((module.training, torch.is_grad_enabled()))
+        self.handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def _regressors_of(objective: nn.Module, teacher: nn.Module, student: nn.Module) -> list[nn.Conv2d]:
+    skip = {id(m) for m in teacher.modules()} | {id(m) for m in student.modules()}
+    found, seen = [], set()
+    for m in objective.modules():
+        if isinstance(m, nn.Conv2d) and id(m) not in skip and id(m) not in seen:
+            seen.add(id(m))
+            found.append(m)
+    # a copy of the teacher held by the objective is not a regressor
+    for sub in objective.modules():
+        if type(sub) is type(teacher) and sub is not teacher:
+            inner = {id(m) for m in sub.modules()}
+            found = [m for m in found if id(m) not in inner]
+    return found
+
+
+def _fitnets_reference_loss(student, teacher, regs: dict, batch, hints, variant: str = "reference"):
+    names = list(hints)
+    logits, s = fx.extract(student, batch.x, names)
+    with torch.no_grad():
+        _, t = fx.extract(teacher.eval(), batch.x, names)
+    ce = F.cross_entropy(logits, batch.labels)
+    terms = []
+    for n, w in hints.items():
+        r_s = regs[n](s[n])
+        if variant == "max_pool":
+            h = F.mse_loss(r_s, F.adaptive_max_pool2d(t[n], r_s.shape[-2:]))
+        elif variant == "upsample":
+            h = F.mse_loss(F.interpolate(r_s, size=t[n].shape[-2:], mode="nearest"), t[n])
+        else:
+            h = feature.hint_loss(s[n], t[n], regs[n])
+        terms.append((w, h))
+    if variant == "no_ce":
+        return sum(w * h for w, h in terms), logits
+    if variant == "unweighted":
+        return ce + sum(h for _, h in terms), logits
+    if variant == "ce_only":
+        return ce + 0 * sum(h for _, h in terms), logits
+    if variant == "averaged":
+        return ce + sum(w * h for w, h in terms) / len(terms), logits
+    return ce + sum(w * h for w, h in terms), logits
+
+
+FITNETS_VALUE_HINTS = {
+    "no_ce": "the loss lacks the cross-entropy term: FitNets here is CE(student_logits, labels) + sum of w * hint.",
+    "unweighted": "the hints are not multiplied by their weights (hints[name]).",
+    "ce_only": "the loss is the cross-entropy alone: add w * hint_loss(...) for every hinted layer.",
+    "averaged": "the weighted hints are averaged over layers; the objective sums them (each has its own weight).",
+    "max_pool": "the teacher map is max-pooled; use average pooling (your hint_loss does it).",
+    "upsample": "the student map is upsampled to the teacher's size; average-pool the larger (teacher) map down "
+                "instead (your hint_loss does it).",
+}
+
+
+def _stepoutput(out, name: str):
+    for attr in ("loss", "logits", "parts"):
+        if not hasattr(out, attr):
+            raise CheckFailed(f"{name}.forward must return StepOutput(loss, logits, parts) "
+                              f"(from kdcourse.train), got {type(out).__name__}")
+    if not isinstance(out.loss, torch.Tensor) or out.loss.ndim != 0:
+        raise CheckFailed(f"StepOutput.loss must be a scalar tensor, got {type(out.loss).__name__}")
+    if not isinstance(out.parts, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                  for v in out.parts.values()):
+        raise CheckFailed("StepOutput.parts must be a dict of plain numbers for the history, e.g. "
+                          "{'ce': ce.item(), 'hint layer2': hint.item()} (use .item(), not tensors)")
+
+
+def run_fitnets(cls: Callable, seed: int, hints: dict, teacher_requires_grad: bool = True) -> dict:
+    """Build ``cls(teacher, hints)`` on :func:`fitnets_setting`, call
+    ``setup`` and one ``forward`` as ``fit`` does, and return what a check
+    needs (objects, not plain data)."""
+    teacher, student, split, batch = fitnets_setting(seed)
+    for p in teacher.parameters():
+        p.requires_grad_(teacher_requires_grad)
+    t_state = copy.deepcopy(teacher.state_dict())
+    obj = cls(teacher, dict(hints))
+    if not isinstance(obj, nn.Module) or not callable(getattr(obj, "setup", None)):
+        raise CheckFailed(f"FitNets must be an Objective (class FitNets(Objective)), got {type(obj).__name__}")
+    obj.setup(student, split)
+    regs = _regressors_of(obj, teacher, student)
+    obj.train()  # as fit() does before every epoch: every submodule switches to train mode
+    student.train()
+    ref_student = copy.deepcopy(student)
+    ref_regs = [copy.deepcopy(r) for r in regs]
+    with _TeacherCalls(type(teacher)) as calls:
+        out = obj(student, batch, TrainState())
+    return dict(obj=obj, out=out, regs=regs, ref_regs=ref_regs, student=student, ref_student=ref_student,
+                teacher=teacher, t_state=t_state, calls=calls.calls, batch=batch, hints=dict(hints))
+
+
+def _match_regressors(r: dict, s_ch: dict, t_ch: dict) -> dict:
+    """{layer: index into r['regs']} or raise a named mistake."""
+    regs, hints = r["regs"], r["hints"]
+    if not regs:
+        raise CheckFailed("the objective has no regressor: in setup, build one nn.Conv2d(C_s, C_t, kernel_size=1) per "
+                          "hinted layer and store it on the objective (e.g. self.regressors = nn.ModuleDict(...)), "
+                          "so it is a submodule the optimiser can find")
+    used, out = set(), {}
+    for n in hints:
+        cs, ct = s_ch[n], t_ch[n]
+        for i, m in enumerate(regs):
+            if i not in used and m.in_channels == cs and m.out_channels == ct:
+                if tuple(m.kernel_size) != (1, 1):
+                    raise CheckFailed(f"the regressor for {n!r} has kernel size {tuple(m.kernel_size)}: FitNets here "
+                                      f"uses a 1x1 convolution (a linear map per position)")
+                used.add(i)
+                out[n] = i
+                break
+        else:
+            if any(m.in_channels == ct and m.out_channels == cs for m in regs):
+                raise CheckFailed(f"the regressor for {n!r} maps the teacher's {ct} channels to the student's {cs}: "
+                                  f"the hint is regressed instead of the guided layer. FitNets maps the student: "
+                                  f"nn.Conv2d(C_s={cs}, C_t={ct}, 1) applied to the student's feature.")
+            raise CheckFailed(f"no regressor nn.Conv2d({cs}, {ct}, 1) for layer {n!r} (student {cs} channels, teacher "
+                              f"{ct}); measure both channel counts in setup (one batch through extract_features) — "
+                              f"found {[f'Conv2d({m.in_channels}, {m.out_channels})' for m in regs]}")
+    if len(regs) != len(hints):
+        raise CheckFailed(f"{len(regs)} regressors for {len(hints)} hinted layers: build exactly one per layer in "
+                          f"setup (setup runs once; a regressor created in forward starts random at every step)")
+    return out
+
+
+def _channels(model, names):
+    x = torch.zeros(1, 3, 32, 32)
+    with torch.no_grad():
+        was = model.training
+        model.eval()
+        _, f = fx.extract(model, x, names)
+        model.train(was)
+    return {n: f[n].shape[1] for n in names}
+
+
+def check_fitnets(cls: Callable) -> bool:
+    """``cls(teacher, hints)`` must be an objective that builds one 1x1
+    regressor per hinted layer in ``setup`` and returns CE + sum w * hint in
+    ``forward``, with the teacher in eval mode under ``torch.no_grad()``."""
+    for seed, hints in ((0, {"layer2": 3.0}), (1, {"layer1": 0.5, "layer3": 2.0})):
+        where = f"hints={hints}"
+        try:
+            r = run_fitnets(cls, seed, hints)
+        except (NotImplementedError, CheckFailed):
+            raise
+        except Exception as exc:
+            raise CheckFailed(f"FitNets raised {type(exc).__name__}: {exc} (setup and one forward, {where})") from exc
+        _stepoutput(r["out"], "FitNets")
+        names = list(hints)
+        s_ch, t_ch = _channels(r["ref_student"], names), _channels(r["teacher"], names)
+        which = _match_regressors(r, s_ch, t_ch)
+        if not r["calls"]:
+            raise CheckFailed("the teacher never ran in forward: the hints need its features of this batch "
+                              "(extract_features(self.teacher, batch.x, names))")
+        if any(training for training, _ in r["calls"]):
+            raise CheckFailed("the teacher ran in train mode: fit() calls objective.train() every epoch, which "
+                              "switches a teacher stored on the objective to train mode too (its batch-norm then "
+                              "normalises with batch statistics and its running statistics drift). Call "
+                              "self.teacher.eval() in forward.")
+        if any(grad for _, grad in r["calls"]):
+            raise CheckFailed("the teacher's features are computed with gradients enabled: run the teacher under "
+                              "`with torch.no_grad():` — it is frozen, and building its graph costs memory and time "
+                              "at every step")
+        if any(not torch.equal(v, r["teacher"].state_dict()[k]) for k, v in r["t_state"].items()):
+            raise CheckFailed("the teacher's state changed during the step (batch-norm statistics or weights): keep "
+                              "it in eval mode and never optimise it")
+        regs = {n: r["ref_regs"][i] for n, i in which.items()}
+        ref_loss, ref_logits = _fitnets_reference_loss(r["ref_student"], r["teacher"], regs, r["batch"], hints)
+        out = r["out"]
+        if not isinstance(out.logits, torch.Tensor) or out.logits.shape != ref_logits.shape or \
+                not torch.allclose(out.logits.detach(), ref_logits.detach(), rtol=1e-5, atol=1e-7):
+            raise CheckFailed("StepOutput.logits must be the student's logits for batch.x (shape (B, classes)); "
+                              "the loop measures training accuracy with them")
+        if not torch.allclose(out.loss.detach(), ref_loss.detach(), rtol=1e-5, atol=1e-7):
+            for vname, hint in FITNETS_VALUE_HINTS.items():
+                v_student = copy.deepcopy(r["ref_student"])
+                v_regs = {n: copy.deepcopy(m) for n, m in regs.items()}
+                v, _ = _fitnets_reference_loss(v_student, r["teacher"], v_regs, r["batch"], hints, vname)
+                if torch.allclose(out.loss.detach(), v.detach(), rtol=1e-5, atol=1e-7):
+                    raise CheckFailed(f"FitNets is not right yet ({where}): {hint}")
+            raise CheckFailed(f"the loss differs from CE + sum of w * hint_loss ({where}): got {float(out.loss):.6g}, "
+                              f"expected {float(ref_loss):.6g}")
+        if not out.loss.requires_grad:
+            raise CheckFailed("the loss carries no gradient: is the student's forward under torch.no_grad()?")
+        out.loss.backward()
+        ref_loss.backward()
+        for (pname, p), q in zip(r["student"].named_parameters(), r["ref_student"].parameters()):
+            if q.grad is None:
+                continue
+            if p.grad is None or not torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-7):
+                raise CheckFailed(f"the gradient of the student's {pname} differs from the reference's although the "
+                                  f"loss value matches ({where}): part of the loss is detached or computed outside "
+                                  f"autograd (.detach(), .item(), .data)")
+        for n, i in which.items():
+            p, q = r["regs"][i].weight, regs[n].weight
+            if p.grad is None or float(p.grad.abs().max()) == 0:
+                raise CheckFailed(f"no gradient reaches the regressor of {n!r}: apply it to the student's feature "
+                                  f"inside the loss (hint_loss(s, t, regressor)), so the optimiser can train it")
+            if not torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-7):
+                raise CheckFailed(f"the regressor of {n!r} gets a different gradient from the reference's ({where})")
+    print("✓ FitNets builds one 1x1 regressor per hinted layer, runs the teacher in eval mode without gradients, and "
+          "its loss CE + sum w * hint matches the reference in value and gradients (1 and 2 hinted layers)")
+    return True
+
+
+def _flat_params(got) -> list:
+    try:
+        items = list(got)
+    except TypeError:
+        raise CheckFailed(f"fitnets_parameters must return a list of parameters, got {type(got).__name__}") from None
+    flat = []
+    for item in items:
+        if isinstance(item, dict) and "params" in item:  # parameter groups
+            flat.extend(list(item["params"]))
+        else:
+            flat.append(item)
+    for p in flat:
+        if not isinstance(p, torch.Tensor):
+            raise CheckFailed(f"fitnets_parameters must list tensors (nn.Parameter), found a {type(p).__name__}: "
+                              f"use model.parameters(), not model.named_parameters() or a module")
+    return flat
+
+
+def run_fitnets_parameters(fn: Callable, seed: int, freeze_stem: bool = False) -> dict:
+    """Call ``fn(student, objective)`` on the reference objective (teacher
+    parameters left trainable, as a loaded teacher would be); return the
+    objects and the listed parameters."""
+    from ..distill.fitnets import FitNets
+
+    teacher, student, split, _ = fitnets_setting(seed)
+    for p in teacher.parameters():
+        p.requires_grad_(True)
+    if freeze_stem:
+        for p in student.stem.parameters():
+            p.requires_grad_(False)
+    obj = FitNets(teacher, {"layer1": 1.0, "layer2": 1.0})
+    obj.setup(student, split)
+    return dict(student=student, teacher=teacher, obj=obj, listed=_flat_params(fn(student, obj)))
+
+
+def check_fitnets_parameters(fn: Callable) -> bool:
+    """``fn(model, objective)`` must list every trainable parameter of the
+    student and of the objective's regressors — not the teacher's — once."""
+    for freeze_stem in (False, True):
+        try:
+            r = run_fitnets_parameters(fn, 0, freeze_stem)
+        except (NotImplementedError, CheckFailed):
+            raise
+        except Exception as exc:
+            raise CheckFailed(f"fitnets_parameters raised {type(exc).__name__}: {exc}") from exc
+        ids = [id(p) for p in r["listed"]]
+        if len(ids) != len(set(ids)):
+            raise CheckFailed("a parameter is listed twice: the optimiser would update it twice per step (PyTorch "
+                              "warns about duplicate parameters); list the student's and the regressors' once each")
+        teacher_ids = {id(p) for p in r["teacher"].parameters()}
+        if teacher_ids & set(ids):
+            raise CheckFailed("the teacher's parameters are in the list: objective.parameters() includes every "
+                              "submodule of the objective, the teacher too, and a loaded teacher's parameters may "
+                              "require gradients. List the student's and the regressors' parameters only.")
+        reg_ids = {id(p) for p in r["obj"].regressors.parameters()}
+        if not reg_ids <= set(ids):
+            raise CheckFailed("the regressors' parameters are missing from the list: the optimiser would leave each "
+                              "1x1 regressor at its random initialisation, so the student would chase a random "
+                              "projection of the teacher. Add objective.regressors.parameters().")
+        missing = [n for n, p in r["student"].named_parameters() if p.requires_grad and id(p) not in set(ids)]
+        if missing:
+            raise CheckFailed(f"some of the student's trainable parameters are missing ({missing[:3]}...): list "
+                              f"model.parameters()")
+        unknown = set(ids) - reg_ids - {id(p) for p in r["student"].parameters()}
+        if unknown:
+            raise CheckFailed("the list holds parameters that belong neither to the student nor to the regressors")
+    print("✓ fitnets_parameters lists the student's trainable parameters and every regressor's, once each, and none "
+          "of the teacher's")
+    return True
+
+
+def _fitnets_variants() -> tuple[dict, dict]:
+    """Known-wrong FitNets objectives and parameter lists, ``{name: (fn, hint)}``
+    (the hint is the start of the message the check gives)."""
+    from ..distill.fitnets import FitNets, fitnets_parameters, regressor_key
+
+    class _Forward(FitNets):
+        """forward with switches for the usual mistakes"""
+        eval_teacher, no_grad, detach_student, combine = True, True, False, "sum"
+
+        def forward(self, model, batch, state):
+            names = list(self.hints)
+            if self.eval_teacher:
+                self.teacher.eval()
+            with torch.no_grad() if self.no_grad else contextlib.nullcontext():
+                _, t = fx.extract(self.teacher, batch.x, names)
+            logits, s = fx.extract(model, batch.x, names)
+            ce = F.cross_entropy(logits, batch.labels)
+            hints = [(w, self.hint(s[n].detach() if self.detach_student else s[n], t[n], n)) for n, w in self.hints.items()]
+            loss = {"sum": lambda: ce + sum(w * h for w, h in hints), "no_ce": lambda: sum(w * h for w, h in hints),
+                    "unweighted": lambda: ce + sum(h for _, h in hints)}[self.combine]()
+            return StepOutput(loss, logits, {"ce": ce.item()})
+
+        def hint(self, s, t, n):
+            return self.hint_loss(s, t, self.regressors[regressor_key(n)])
+
+    def variant(**attrs):
+        return type("FitNetsVariant", (_Forward,), attrs)
+
+    class _TeacherSide(_Forward):
+        def setup(self, model, train):
+            super().setup(model, train)
+            self.regressors = nn.ModuleDict({k: nn.Conv2d(m.out_channels, m.in_channels, 1)
+                                             for k, m in self.regressors.items()})
+
+        def hint(self, s, t, n):
+            return F.mse_loss(*feature.match_spatial(s, self.regressors[regressor_key(n)](t)))
+
+    class _InForward(_Forward):
+        def setup(self, model, train):
+            self.regressors = nn.ModuleDict()
+
+        def hint(self, s, t, n):
+            return feature.hint_loss(s, t, nn.Conv2d(s.shape[1], t.shape[1], 1))
+
+    class _Kernel3(_Forward):
+        def setup(self, model, train):
+            super().setup(model, train)
+            self.regressors = nn.ModuleDict({k: nn.Conv2d(m.in_channels, m.out_channels, 3, padding=1)
+                                             for k, m in self.regressors.items()})
+
+    class _MaxPool(_Forward):
+        def hint(self, s, t, n):
+            r = self.regressors[regressor_key(n)](s)
+            return F.mse_loss(r, F.adaptive_max_pool2d(t, r.shape[-2:]))
+
+    class _Upsample(_Forward):
+        def hint(self, s, t, n):
+            r = self.regressors[regressor_key(n)](s)
+            return F.mse_loss(F.interpolate(r, size=t.shape[-2:], mode="nearest"), t)
+
+    objectives = {
+        "teacher_train_mode": (variant(eval_teacher=False), "the teacher ran in train mode"),
+        "teacher_with_grad": (variant(no_grad=False), "the teacher's features are computed with gradients enabled"),
+        "regressor_teacher_side": (_TeacherSide, "the regressor for 'layer2' maps the teacher's"),
+        "regressor_in_forward": (_InForward, "the objective has no regressor"),
+        "kernel_3x3": (_Kernel3, "the regressor for 'layer2' has kernel size (3, 3)"),
+        "no_ce": (variant(combine="no_ce"), "FitNets is not right yet (hints={'layer2': 3.0}): the loss lacks the cross-entropy"),
+        "unweighted": (variant(combine="unweighted"), "FitNets is not right yet (hints={'layer2': 3.0}): the hints are not multiplied"),
+        "max_pool": (_MaxPool, "FitNets is not right yet (hints={'layer2': 3.0}): the teacher map is max-pooled"),
+        "upsample": (_Upsample, "FitNets is not right yet (hints={'layer2': 3.0}): the student map is upsampled"),
+        "student_detached": (variant(detach_student=True), "the gradient of the student's"),
+    }
+    params = {
+        "student_only": (lambda model, objective: list(model.parameters()), "the regressors' parameters are missing"),
+        "with_teacher": (lambda model, objective: [p for p in list(model.parameters()) + list(objective.parameters())
+                                                   if p.requires_grad],
+                         "the teacher's parameters are in the list"),
+        "duplicates": (lambda model, objective: fitnets_parameters(model, objective) + list(objective.regressors.parameters()),
+                       "a parameter is listed twice"),
+        "regressors_only": (lambda model, objective: list(objective.regressors.parameters()),
+                            "some of the student's trainable parameters are missing"),
+    }
+    return objectives, params
+
+
+FITNETS_VARIANTS, FITNETS_PARAMETER_VARIANTS = _fitnets_variants()
+
+
+# --------------------------------------------------------------------------
+# Exercise 6: similarity-preserving loss (Tung & Mori)
+# --------------------------------------------------------------------------
+
+def _sp_with(gram, reduce=lambda d, b: d.pow(2).sum() / b ** 2):
+    def loss(student, teacher):
+        s, t = student.flatten(1), teacher.detach().flatten(1)
+        return reduce(gram(t) - gram(s), s.shape[0])
+    return loss
+
+
+def _row_gram(q):
+    return F.normalize(q @ q.t(), dim=1)
+
+
+SP_VARIANTS = {
+    "cosine": (_sp_with(lambda q: F.normalize(q, dim=1) @ F.normalize(q, dim=1).t()),
+               "this is the cosine-similarity matrix (rows of F normalised *before* the product, as a reference "
+               "chapter does). Tung & Mori form G = F F^T first and then divide each *row of G* by its L2 norm."),
+    "unnormalized": (_sp_with(lambda q: q @ q.t()),
+                     "the Gram matrix is not normalised: divide each row of G = F F^T by its L2 norm "
+                     "(F.normalize(G, dim=1)), so the two networks' feature scales drop out."),
+    "sum": (_sp_with(_row_gram, lambda d, b: d.pow(2).sum()),
+            "the squared differences are summed without dividing by B^2: the paper's loss is ||G_t - G_s||_F^2 / B^2."),
+    "per_b": (_sp_with(_row_gram, lambda d, b: d.pow(2).sum() / b),
+              "divided by B instead of B^2: the paper's loss is ||G_t - G_s||_F^2 / B^2."),
+    "frobenius": (_sp_with(_row_gram, lambda d, b: d.norm() / b ** 2),
+                  "the Frobenius norm is not squared: use ||G_t - G_s||_F^2 / B^2 (sum of squared entries)."),
+    "l1": (_sp_with(_row_gram, lambda d, b: d.abs().sum() / b ** 2),
+           "absolute differences: SP uses squared differences, ||G_t - G_s||_F^2 / B^2."),
+    "per_channel": (lambda s, t: relation.similarity_preserving(s.flatten(2).mean(-1) if s.ndim == 4 else s,
+                                                                t.flatten(2).mean(-1) if t.ndim == 4 else t),
+                    "the feature maps are pooled to channel means first: SP flattens each sample's whole map "
+                    "(C * H * W values) before G = F F^T."),
+}
+
+
+def check_sp_loss(fn: Callable) -> bool:
+    """``fn(student, teacher)``, (B, ...) each, must equal Tung & Mori's SP loss."""
+    cases = [
+        Case((_randn(6, 4, 4, 4, seed=51, relu=True), _randn(6, 16, 2, 2, seed=52, relu=True)), {},
+             "student (6, 4, 4, 4), teacher (6, 16, 2, 2) feature maps"),
+        Case((_randn(5, 7, seed=53), _randn(5, 20, seed=54) * 5), {}, "embeddings (5, 7) and (5, 20)"),
+        Case((_randn(4, 3, 2, 2, seed=55) * 0.1, _randn(4, 9, seed=56) + 2), {}, "a (4, 3, 2, 2) map and a (4, 9) vector"),
+        Case((_randn(2, 5, seed=57), _randn(2, 5, seed=58)), {}, "B = 2"),
+    ]
+    check_inputs_untouched("sp_loss", fn, cases[0].args, ("student", "teacher"))
+    ok = diagnose("sp_loss", fn, relation.similarity_preserving, cases, SP_VARIANTS, rtol=1e-6, atol=1e-9)
+    for c in cases[:3]:
+        check_gradients("sp_loss", fn, relation.similarity_preserving, c.args, label=c.label)
+    return ok
+
+
+# --------------------------------------------------------------------------
+# Exercise 7: in-batch InfoNCE
+# --------------------------------------------------------------------------
+
+def _nce_with(logits_of, reduce=F.cross_entropy):
+    def loss(student, teacher, temperature=0.1):
+        lg = logits_of(student, teacher.detach(), temperature)
+        return reduce(lg, torch.arange(len(lg)))
+    return loss
+
+
+def _cos(s, t):
+    return F.normalize(s, dim=1) @ F.normalize(t, dim=1).t()
+
+
+INFO_NCE_VARIANTS = {
+    "not_normalized": (_nce_with(lambda s, t, tau: s @ t.t() / tau),
+                       "the embeddings are not L2-normalised: use cosine similarities "
+                       "(F.normalize(student, dim=1) @ F.normalize(teacher, dim=1).T)."),
+    "times_tau": (_nce_with(lambda s, t, tau: _cos(s, t) * tau),
+                  "the similarities are multiplied by the temperature; divide by it (logits = cos / tau)."),
+    "no_tau": (_nce_with(lambda s, t, tau: _cos(s, t)),
+               "the temperature is not used: divide the cosine similarities by tau."),
+    "symmetric": (lambda s, t, temperature=0.1: 0.5 * (F.cross_entropy(_cos(s, t.detach()) / temperature, torch.arange(len(s)))
+                                                 + F.cross_entropy(_cos(s, t.detach()).t() / temperature, torch.arange(len(s)))),
+                  "you average both directions (CLIP-style); here each *student* embedding is the anchor and the "
+                  "batch's teacher embeddings are the candidates: CE(logits[i, :], i) only."),
+    "teacher_anchor": (_nce_with(lambda s, t, tau: _cos(s, t).t() / tau),
+                       "the matrix is transposed (teacher embeddings as anchors): row i must hold the student's "
+                       "embedding i against every teacher embedding j, logits = u @ v.T / tau."),
+    "sum": (_nce_with(lambda s, t, tau: _cos(s, t) / tau, lambda lg, y: F.cross_entropy(lg, y, reduction="sum")),
+            "the per-anchor losses are summed; average them over the batch (the default of F.cross_entropy)."),
+    "positive_only": (lambda s, t, temperature=0.1: -(F.normalize(s, dim=1) * F.normalize(t.detach(), dim=1)).sum(1).mean() / temperature,
+                      "only the positive pair is scored: InfoNCE is a softmax over the batch, so the other B - 1 "
+                      "teacher embeddings act as negatives (F.cross_entropy(logits, arange(B)))."),
+    "mse_labels": (_nce_with(lambda s, t, tau: _cos(s, t) / tau,
+                             lambda lg, y: F.binary_cross_entropy_with_logits(lg, F.one_hot(y, len(lg)).to(lg.dtype))),
+                   "a binary (sigmoid) loss per pair: InfoNCE takes a softmax over each row (F.cross_entropy)."),
+}
+
+
+def check_info_nce(fn: Callable) -> bool:
+    """``fn(student, teacher, temperature)`` for (B, D) embeddings must equal
+    the in-batch InfoNCE loss with the student as anchor."""
+    cases = [
+        Case((_randn(8, 5, seed=61), _randn(8, 5, seed=62), 0.1), {}, "B = 8, D = 5, temperature 0.1"),
+        Case((_randn(4, 16, seed=63) * 3, _randn(4, 16, seed=64) * 0.2, 0.07), {}, "B = 4, D = 16, different scales, 0.07"),
+        Case((_randn(16, 3, seed=65), _randn(16, 3, seed=66), 0.5), {}, "B = 16, D = 3, temperature 0.5"),
+    ]
+    # the student's own embedding correlated with its positive, so the right pairing matters
+    s = _randn(6, 8, seed=67)
+    cases.append(Case((s, s + 0.3 * _randn(6, 8, seed=68), 0.2), {}, "positives close to their anchors, 0.2"))
+    check_inputs_untouched("info_nce", fn, cases[0].args, ("student", "teacher", "temperature"))
+    ok = diagnose("info_nce", fn, _reference_info_nce, cases, INFO_NCE_VARIANTS, rtol=1e-6, atol=1e-9)
+    for c in cases[:2]:
+        check_gradients("info_nce", fn, _reference_info_nce, c.args, label=c.label)
+    return ok
+
+
+def _reference_info_nce(student, teacher, temperature=0.1):
+    from ..losses.contrastive import info_nce
+
+    return info_nce(student, teacher, temperature=temperature)
 
 
 __all__ = ["check_feature_extractor", "check_hint_loss", "check_attention_transfer", "check_rkd_distance",
-           "HINT_VARIANTS", "AT_VARIANTS", "RKD_VARIANTS"]
+           "check_fitnets", "check_fitnets_parameters", "check_sp_loss", "check_info_nce",
+           "FITNETS_VARIANTS", "FITNETS_PARAMETER_VARIANTS",
+           "HINT_VARIANTS", "AT_VARIANTS", "RKD_VARIANTS", "SP_VARIANTS", "INFO_NCE_VARIANTS"]
+
+
+# --------------------------------------------------------------------------
+# Declarations (kdcourse.checks.contract): what the grader probes
+# --------------------------------------------------------------------------
+
+def _extract_hooks_left(model, x, names):
+    modules, feats = dict(model.named_modules()), {}
+    for n in names:
+        modules[n].register_forward_hook(lambda m, i, o, n=n: feats.__setitem__(n, o))
+    return model(x), feats
+
+
+def _extract_with(store=lambda i, o: o, bind_late=False, lookup=None, cleanup="finally"):
+    def extract(model, x, names):
+        modules, feats, handles = dict(model.named_modules()), {}, []
+        get = (lambda n: lookup(model, n)) if lookup else modules.__getitem__
+        if cleanup == "finally":
+            try:
+                for n in names:
+                    hook = (lambda m, i, o: feats.__setitem__(n, store(i, o))) if bind_late else \
+                        (lambda m, i, o, n=n: feats.__setitem__(n, store(i, o)))
+                    handles.append(get(n).register_forward_hook(hook))
+                out = model(x)
+            finally:
+                for h in handles:
+                    h.remove()
+            if bind_late:  # every hook wrote under the last name: all names hold the last output
+                feats = {n: feats[names[-1]] for n in names}
+            return out, feats
+        for n in names:
+            handles.append(get(n).register_forward_hook(lambda m, i, o, n=n: feats.__setitem__(n, store(i, o))))
+        out = model(x)
+        for h in handles:
+            h.remove()
+        return out, feats
+    return extract
+
+
+EXTRACT_VARIANTS = {
+    "hooks_left": (_extract_hooks_left,
+                   "hooks are left on the model after the call: keep the handles that register_forward_hook returns "
+                   "and call handle.remove() on each (in a `finally:` block)"),
+    "late_binding": (_extract_with(bind_late=True),
+                     "every name holds the same tensor: the hooks share one variable. A function defined in a loop "
+                     "sees the loop variable's *last* value — build each hook in a helper function that takes the "
+                     "name as an argument (or bind it: lambda m, i, o, name=name: ...)"),
+    "inputs": (_extract_with(store=lambda i, o: i[0]),
+               "the features are the modules' *inputs*: a forward hook is called as hook(module, inputs, output); "
+               "store `output`"),
+    "getattr": (_extract_with(lookup=getattr),
+                "nested names such as 'layer2.0.conv1' must work: look modules up in dict(model.named_modules()) "
+                "instead of getattr(model, name)"),
+    "detached": (_extract_with(store=lambda i, o: o.detach()),
+                 "the features carry no gradient: do not detach them (or run under torch.no_grad) — a feature loss "
+                 "must train the student's layers through them"),
+    "no_finally": (_extract_with(cleanup="after"),
+                   "after a forward pass that raised, the hooks were still registered: remove them in a `finally:` "
+                   "block (or use a context manager) so an error cannot leave them behind"),
+}
+
+_NESTED = {"ResNet": ["layer2.0.conv1", "layer1.0", "layer3.0.bn2"], "SmallCNN": []}
+
+
+def probe_extract_features(fn: Callable, seed: int) -> dict:
+    """A seeded SmallCNN or ResNet-8, 1-3 images, a random choice and order
+    of stage names (nested names on the ResNet): the logits, each feature,
+    the gradient of the features w.r.t. the input, hooks left behind, and
+    hooks left after a forward pass that raises."""
+    g = contract.generator(seed)
+    torch.manual_seed(seed)
+    model = (ResNet(8, 4) if seed % 2 else SmallCNN((4, 8, 16))).double().eval()
+    kind = type(model).__name__
+    pool = ["layer1", "layer2", "layer3"] + _NESTED.get(kind, [])
+    k = 1 + int(torch.randint(0, len(pool), (1,), generator=g))
+    names = [pool[i] for i in torch.randperm(len(pool), generator=g)[:k].tolist()]
+    x = torch.randn(1 + seed % 3, 3, 16, 16, generator=g, dtype=torch.float64).requires_grad_(True)
+    out, raised = contract.attempt(fn, model, x, names)
+    data = {"hooks_left": fx.hook_count(model)}
+    if raised:
+        data["call"] = raised
+    else:
+        if not (isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[1], dict)):
+            raise contract.PlainDataError("extract_features must return a pair (model output, dict name -> tensor)")
+        logits, feats = out
+        data["logits"] = contract.plain(logits)
+        data["features"] = {str(n): contract.plain(v) for n, v in feats.items()}
+        wanted = [v for n, v in sorted(feats.items()) if isinstance(v, torch.Tensor)]
+        if wanted and all(v.requires_grad for v in wanted):
+            total = sum((v * torch.randn(v.shape, generator=contract.generator(seed + i), dtype=v.dtype)).sum()
+                        for i, v in enumerate(wanted))
+            data["grad_input"] = contract.plain(torch.autograd.grad(total, x, allow_unused=True)[0]
+                                                if total.requires_grad else None)
+        else:
+            data["grad_input"] = "no graph"
+    boom = _Boom()
+    contract.attempt(fn, boom, x.detach().float(), ["layer1"])
+    data["hooks_left_after_error"] = fx.hook_count(boom)
+    return data
+
+
+def _loss_data(name, out, grads_of: dict, seed: int) -> dict:
+    data = {"loss": contract.scalar(out, name)}
+    items = list(grads_of.items())
+    gs = contract.grad(out, [t for _, t in items], seed) if out.requires_grad else "no graph"
+    data["grads"] = gs if isinstance(gs, str) else {k: g for (k, _), g in zip(items, gs)}
+    return data
+
+
+def probe_hint_loss(fn: Callable, seed: int) -> dict:
+    """Conv maps with the teacher larger, the student larger, equal sizes,
+    equal channels (a regressor still applies), and vectors with a linear
+    regressor: the loss, whether the regressor was called, and the gradients
+    w.r.t. the student's features, the regressor's weights and the
+    teacher's features (which must be zero: the teacher is detached)."""
+    g = contract.generator(seed)
+    case = seed % 5
+    b = 1 + int(torch.randint(0, 4, (1,), generator=g))
+    cs = 2 + int(torch.randint(0, 6, (1,), generator=g))
+    ct = cs if case == 2 else cs + 1 + int(torch.randint(0, 8, (1,), generator=g))
+    h = [4, 4, 3, 0, 8][case]
+    if case == 3:
+        s_shape, t_shape, kind = (b, cs), (b, ct), "linear"
+    else:
+        th = {0: 2 * h, 1: h, 2: 2 * h, 4: h // 2}[case]
+        s_shape, t_shape, kind = (b, cs, h, h), (b, ct, th, th), "conv"
+    s = torch.randn(*s_shape, generator=g, dtype=torch.float64).clamp_min(0).requires_grad_(True)
+    t = (torch.randn(*t_shape, generator=g, dtype=torch.float64) * 2).requires_grad_(True)
+    torch.manual_seed(seed)
+    reg = _Counting(feature.HintRegressor(cs, ct, kind=kind).double())
+    out, raised = contract.attempt(fn, s, t, reg)
+    if raised:
+        return {**raised, "regressor_calls": reg.calls}
+    data = _loss_data("hint_loss", out, {"student": s, "teacher": t, **dict(reg.inner.named_parameters())}, seed)
+    data["regressor_calls"] = min(reg.calls, 1)
+    return data
+
+
+def _pool_larger(s, t):
+    if s.ndim == 4 and s.shape[-2:] != t.shape[-2:]:
+        if s.shape[-2] * s.shape[-1] > t.shape[-2] * t.shape[-1]:
+            return F.adaptive_avg_pool2d(s, t.shape[-2:]), t
+        return s, F.adaptive_avg_pool2d(t, s.shape[-2:])
+    return s, t
+
+
+def _as_exercise_variant(f):
+    """A HINT_VARIANTS entry with the teacher detached and a student map larger
+    than the teacher's pooled first (a 1x1 regressor commutes with pooling),
+    as the exercise's answer does."""
+    def loss(student, teacher, regressor):
+        t = teacher.detach()
+        if student.ndim == 4 and student.shape[-2] * student.shape[-1] > t.shape[-2] * t.shape[-1]:
+            student = F.adaptive_avg_pool2d(student, t.shape[-2:])
+        return f(student, t, regressor)
+    return loss
+
+
+def _no_regressor(student, teacher, regressor):
+    return F.mse_loss(*_pool_larger(student, teacher.detach()))
+
+
+def _teacher_not_detached(student, teacher, regressor):
+    return F.mse_loss(*_pool_larger(regressor(student), teacher))
+
+
+HINT_EXERCISE_VARIANTS = {
+    "no_regressor": (_no_regressor, "the regressor is never applied: FitNets compares regressor(student) with the "
+                                    "teacher (it maps C_s to C_t and is trained with the student)."),
+    "teacher_not_detached": (_teacher_not_detached,
+                             "the loss sends gradients into the teacher's features: use teacher.detach() (the teacher "
+                             "is frozen; only the student and the regressor learn)"),
+    **{k: (_as_exercise_variant(f), h) for k, (f, h) in HINT_VARIANTS.items()},
+}
+
+
+def _pair_probe(name: str, cases, seed: int, fn: Callable) -> dict:
+    g = contract.generator(seed)
+    make_s, make_t = cases[seed % len(cases)]
+    s = make_s(g).requires_grad_(True)
+    t = make_t(g).requires_grad_(True)
+    out, raised = contract.attempt(fn, s, t)
+    if raised:
+        return raised
+    return _loss_data(name, out, {"student": s, "teacher": t}, seed)
+
+
+def _r(*shape, scale=1.0, relu=False, offset=0.0):
+    def make(g):
+        x = torch.randn(*shape, generator=g, dtype=torch.float64) * scale + offset
+        return x.clamp_min(0) if relu else x
+    return make
+
+
+_AT_CASES = [
+    (_r(4, 8, 8, 8), _r(4, 16, 8, 8)),                                  # same size, channels differ
+    (_r(3, 4, 4, 4, relu=True), _r(3, 16, 8, 8, relu=True)),            # teacher larger
+    (_r(2, 6, 8, 8, relu=True), _r(2, 6, 4, 4, relu=True)),             # student larger
+    (_r(5, 3, 5, 5, scale=10), _r(5, 7, 5, 5, scale=0.1)),              # very different scales
+    (_r(2, 5, 8, 6), _r(2, 9, 4, 3)),                                   # not square, student larger
+    (_r(1, 3, 2, 2), _r(1, 4, 4, 4)),                                   # one sample, tiny maps
+]
+
+_RKD_CASES = [
+    (_r(8, 5), _r(8, 12, scale=3)),
+    (_r(6, 4, scale=0.1), _r(6, 4, offset=4.0)),
+    (_r(5, 3, scale=10), _r(5, 3, offset=4.0)),
+    (_r(2, 7), _r(2, 3)),                                               # the smallest batch
+    (_r(10, 16), _r(10, 2, scale=30)),
+]
+
+
+def probe_at_loss(fn: Callable, seed: int) -> dict:
+    """Equal sizes, a larger teacher, a larger student, non-square maps, very
+    different scales: the loss and its gradients w.r.t. the student's and
+    the teacher's features."""
+    return _pair_probe("at_loss", _AT_CASES, seed, fn)
+
+
+def probe_rkd_distance(fn: Callable, seed: int) -> dict:
+    """(B, D) embeddings of different widths, scales and offsets, B from 2 to
+    10: the loss and its gradients w.r.t. both embeddings."""
+    return _pair_probe("rkd_distance", _RKD_CASES, seed, fn)
+
+
+EXERCISES = [
+    contract.Exercise(name="extract_features", points=1.0, check=check_feature_extractor, probe=probe_extract_features,
+                      reference=fx.extract, variants=EXTRACT_VARIANTS, hidden_seeds=(0, 1, 2, 3), rtol=1e-6,
+                      atol=1e-9, refuse=(fx.FeatureExtractor.__call__, fx.FeatureExtractor.collect)),
+    contract.Exercise(name="hint_loss", points=1.0, check=check_hint_loss, probe=probe_hint_loss,
+                      reference=feature.hint_loss, variants=HINT_EXERCISE_VARIANTS, hidden_seeds=(0, 1, 2, 3, 4),
+                      rtol=1e-6, atol=1e-9),
+    contract.Exercise(name="at_loss", points=1.0, check=check_attention_transfer, probe=probe_at_loss,
+                      reference=feature.attention_transfer_loss, variants=AT_VARIANTS, hidden_seeds=tuple(range(6)),
+                      rtol=1e-6, atol=1e-9),
+    contract.Exercise(name="rkd_distance", points=1.0, check=check_rkd_distance, probe=probe_rkd_distance,
+                      reference=relation.rkd_distance, variants=RKD_VARIANTS, hidden_seeds=tuple(range(5)),
+                      rtol=1e-6, atol=1e-9),
+]

@@ -111,16 +111,6 @@ def _run_cell(shell, source: str, deadline: float) -> dict:
     return {"status": status, "ename": ename, "evalue": evalue, "seconds": round(time.monotonic() - t0, 3)}
 
 
-def _is_refusal(exc: BaseException) -> bool:
-    from kdcourse.checks.contract import ReferenceRefused
-
-    try:
-        from kdcourse.grading.sandbox import REFUSAL_MARK
-    except Exception:  # pragma: no cover - the sandbox module is part of the package
-        REFUSAL_MARK = "refuses to run while grading"
-    return isinstance(exc, ReferenceRefused) or REFUSAL_MARK in str(exc)
-
-
 def answer_probe(exercise, fn, seed: int, timeout: float) -> dict:
     """Run one probe on the student's function; the reply (without ``id``)."""
     from kdcourse.checks import contract
@@ -137,7 +127,7 @@ def answer_probe(exercise, fn, seed: int, timeout: float) -> dict:
     except NotImplementedError:
         return {"status": "not_implemented"}
     except Exception as exc:  # the student's code failed (or returned something unusable)
-        if _is_refusal(exc):
+        if contract.is_refusal(exc):
             return {"status": "refused", "message": _short(exc, 300)}
         return {"status": "error", "type": type(exc).__name__, "message": _short(exc)}
     finally:
