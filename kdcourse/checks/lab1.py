@@ -1,6 +1,10 @@
-"""Lab 1 checks: soft targets and the KD loss."""
+"""Lab 1 checks: soft targets and the KD loss here; the gradients by hand, the
+distillation step, the ensemble teacher and the choice on validation in
+:mod:`kdcourse.checks.lab1_training` (re-exported, declared in ``EXERCISES``)."""
 from __future__ import annotations
 
+import contextlib
+import io
 from typing import Callable
 
 import torch
@@ -8,6 +12,7 @@ import torch.nn.functional as F
 
 from ..losses import response
 from . import Case, CheckFailed, contract, diagnose
+from .lab1_training import inplace_guard, visible_check
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -37,7 +42,13 @@ def check_soft_targets(fn: Callable) -> bool:
     cases = [Case((_logits(4, 5, 3.0, s), T), {}, f"(4, 5) logits at T={T}") for s, T in ((0, 1.0), (1, 4.0), (2, 0.5))]
     cases.append(Case((torch.tensor([[8.5, 7.8, 6.2, 0.1, -2.3]], dtype=torch.float64), 2.0), {}, "the seed's logits at T=2"))
     cases.append(Case((torch.tensor([[1000.0, 0.0, -1000.0]], dtype=torch.float64), 1.0), {}, "huge logits (overflow test)"))
-    return diagnose("soft_targets", fn, response.soft_targets, cases, SOFT_TARGETS_VARIANTS)
+    inplace_guard("soft_targets", fn, ["logits"], [_logits(4, 5, 3.0, 0), 2.0])
+    with contextlib.redirect_stdout(io.StringIO()) as passed:
+        ok = diagnose("soft_targets", fn, response.soft_targets, cases, SOFT_TARGETS_VARIANTS)
+    # every shape the docstring promises ((C,), (N, C), (A, B, C)) and the gradient, as the grader probes them
+    ok = ok and visible_check("soft_targets", fn, quiet=True)
+    print(passed.getvalue(), end="")
+    return ok
 
 
 # --------------------------------------------------------------------------
@@ -84,18 +95,24 @@ KD_LOSS_VARIANTS = {
               "the hard-label term is missing: add (1 - alpha) * cross_entropy(student_logits, labels)."),
     "ce_at_T": (lambda s, t, y, T=4.0, alpha=0.9: alpha * _kl(s, t, T) * T * T + (1 - alpha) * F.cross_entropy(s / T, y),
                 "the cross-entropy with the labels must use the raw student logits (T = 1), not logits / T."),
+    "student_detached": (_blend(lambda s, t, T: _kl(s.detach(), t, T) * T * T),
+                         "the value is right but the student's logits are detached in the KL term, so the gradient "
+                         "comes from the cross-entropy alone: do not .detach() the student's side."),
 }
 
 
 def check_kd_loss(fn: Callable) -> bool:
     """``fn(student_logits, teacher_logits, labels, T=, alpha=)`` must equal
     alpha·T²·KL(p_t^T ‖ p_s^T) + (1-alpha)·CE(student_logits, labels)."""
+    inplace_guard("kd_loss", fn, ["student_logits", "teacher_logits", "labels"],
+                  [_logits(4, 5, 2.0, 97), _logits(4, 5, 4.0, 96), torch.tensor([0, 1, 2, 4])], {"T": 2.0, "alpha": 0.5})
     cases = []
     for seed, (n, c, T, alpha) in enumerate([(8, 10, 4.0, 0.9), (5, 3, 2.0, 0.5), (16, 10, 8.0, 0.7), (3, 7, 1.0, 0.3)]):
         s, t = _logits(n, c, 2.0, 10 + seed), _logits(n, c, 4.0, 20 + seed)
         y = torch.randint(0, c, (n,), generator=_gen(30 + seed))
         cases.append(Case((s, t, y), {"T": T, "alpha": alpha}, f"N={n}, C={c}, T={T}, alpha={alpha}"))
-    ok = diagnose("kd_loss", fn, response.kd_loss, cases, KD_LOSS_VARIANTS)
+    with contextlib.redirect_stdout(io.StringIO()) as passed:
+        ok = diagnose("kd_loss", fn, response.kd_loss, cases, KD_LOSS_VARIANTS)
 
     # Gradients must reach the student's logits (teacher logits arrive as
     # constants: the trainer computes them under no_grad or from its cache).
@@ -108,6 +125,10 @@ def check_kd_loss(fn: Callable) -> bool:
     out.backward()
     if s.grad is None or not torch.isfinite(s.grad).all():
         raise CheckFailed("kd_loss gives no finite gradient to student_logits — is something detached?")
+    # the gradient w.r.t. the student's logits must be the reference's (a loss that detaches the
+    # wrong side can have the right value), on the shapes and defaults the grader probes
+    ok = ok and visible_check("kd_loss", fn, quiet=True)
+    print(passed.getvalue(), end="")
     return ok
 
 
@@ -154,3 +175,12 @@ EXERCISES = [
                       reference=response.kd_loss, variants=KD_LOSS_VARIANTS, hidden_seeds=(0, 1, 2, 3, 4, 6),
                       rtol=1e-6, atol=1e-9, refuse=(response.kd_loss, response.kl_divergence)),
 ]
+
+# The second part of the lab (gradients by hand, the distillation step, the
+# ensemble teacher, the choice on validation): checks in lab1_training.
+from .lab1_training import (  # noqa: E402  (after EXERCISES: lab1_training looks them up here)
+    check_ce_grad, check_distill_step, check_ensemble_logits, check_kd_grad, check_pick_on_validation,
+    declarations as _training_declarations,
+)
+
+EXERCISES += _training_declarations()
