@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..losses import transformer as tl
-from . import Case, CheckFailed, diagnose
+from . import Case, CheckFailed, contract, diagnose
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -285,3 +285,99 @@ def check_attention_loss(fn: Callable) -> bool:
                           "a log does not stop a NaN gradient. Clamp the student's probabilities (s.clamp_min(1e-12)) "
                           "inside the log, or use torch.xlogy.")
     return ok
+
+
+# --------------------------------------------------------------------------
+# Declarations (kdcourse.checks.contract): what the grader probes
+# --------------------------------------------------------------------------
+
+def probe_layer_map(fn: Callable, seed: int) -> list:
+    """Six (n_student, n_teacher) pairs drawn from 1..8 x n_student..24
+    (equal depths included); the list returned for each, element types kept."""
+    g = contract.generator(seed)
+    out = []
+    for _ in range(6):
+        n_s = 1 + int(torch.randint(0, 8, (1,), generator=g))
+        n_t = n_s + int(torch.randint(0, 17, (1,), generator=g)) * (seed % 4 != 3)
+        got, raised = contract.attempt(fn, n_s, n_t)
+        if raised:
+            out.append(raised)
+            continue
+        if isinstance(got, torch.Tensor):
+            got = got.tolist()
+        if not isinstance(got, (list, tuple)):
+            raise contract.PlainDataError(f"layer_map must return a list of ints, got {type(got).__name__}")
+        out.append([v if type(v) is int else f"not an int: {type(v).__name__}" for v in got])
+    return out
+
+
+def probe_hidden_loss(fn: Callable, seed: int) -> dict:
+    """1-4 student layers, up to 8 teacher layers, equal or different widths,
+    a uniform or an arbitrary increasing layer map, padded positions full of
+    garbage: the loss and its gradients w.r.t. every student hidden state
+    and the projection's weights."""
+    g = contract.generator(seed)
+    n_s = 1 + int(torch.randint(0, 4, (1,), generator=g))
+    n_t = n_s + int(torch.randint(0, 5, (1,), generator=g))
+    d_s = 2 + int(torch.randint(0, 6, (1,), generator=g))
+    d_t = d_s if seed % 3 == 1 else 2 + int(torch.randint(0, 9, (1,), generator=g))
+    b, s = 1 + int(torch.randint(0, 3, (1,), generator=g)), 3 + int(torch.randint(0, 5, (1,), generator=g))
+    mask = torch.zeros(b, s, dtype=torch.int64)
+    for i in range(b):
+        mask[i, : 1 + int(torch.randint(0, s, (1,), generator=g))] = 1
+    if seed % 2:
+        layer_map = [(i * n_t) // n_s for i in range(1, n_s + 1)]
+    else:
+        layer_map = sorted(torch.randperm(n_t, generator=g)[:n_s].add(1).tolist())
+    pad = ~mask.bool()
+
+    def states(n, d):
+        hs = [torch.randn(b, s, d, generator=g, dtype=torch.float64) for _ in range(n + 1)]
+        for h in hs:
+            h[pad] = 5.0 * torch.randn(int(pad.sum()), d, generator=g, dtype=torch.float64)
+        return hs
+
+    s_hs = tuple(h.requires_grad_(True) for h in states(n_s, d_s))
+    t_hs = tuple(states(n_t, d_t))
+    torch.manual_seed(seed)
+    proj = nn.Linear(d_s, d_t).double()
+    out, raised = contract.attempt(fn, s_hs, t_hs, list(layer_map), proj, mask)
+    if raised:
+        return raised
+    data = {"loss": contract.scalar(out, "hidden_loss")}
+    inputs = list(s_hs[1:]) + [proj.weight, proj.bias]
+    data["grads"] = contract.grad(out, inputs, seed)
+    return data
+
+
+def probe_attention_loss(fn: Callable, seed: int) -> dict:
+    """(B, H, S, S) probabilities from masked softmaxes (exact zeros at padded
+    keys), 1-3 sequences of random lengths, 1-4 heads: the loss and its
+    gradient w.r.t. the student's attention *scores* (finite at padded keys)."""
+    g = contract.generator(seed)
+    b, h = 1 + int(torch.randint(0, 3, (1,), generator=g)), 1 + int(torch.randint(0, 4, (1,), generator=g))
+    n = 2 + int(torch.randint(0, 5, (1,), generator=g))
+    mask = torch.zeros(b, n, dtype=torch.int64)
+    for i in range(b):
+        mask[i, : 1 + int(torch.randint(0, n, (1,), generator=g))] = 1
+    keys = ~mask.bool()[:, None, None, :]
+    scores = (torch.randn(b, h, n, n, generator=g, dtype=torch.float64) * 2).requires_grad_(True)
+    student = scores.masked_fill(keys, float("-inf")).softmax(-1)
+    teacher = (torch.randn(b, h, n, n, generator=g, dtype=torch.float64) * 3).masked_fill(keys, float("-inf")).softmax(-1)
+    out, raised = contract.attempt(fn, student, teacher, mask)
+    if raised:
+        return raised
+    return {"loss": contract.scalar(out, "attention_loss"), "grad_scores": contract.grad(out, [scores], seed)}
+
+
+EXERCISES = [
+    contract.Exercise(name="layer_map", points=1.0, check=check_layer_map, probe=probe_layer_map,
+                      reference=tl.uniform_layer_map, variants=LAYER_MAP_VARIANTS, hidden_seeds=(0, 1, 2, 3),
+                      rtol=0.0, atol=0.0),
+    contract.Exercise(name="hidden_loss", points=1.0, check=check_hidden_loss, probe=probe_hidden_loss,
+                      reference=tl.hidden_state_loss, variants=HIDDEN_LOSS_VARIANTS, hidden_seeds=tuple(range(6)),
+                      rtol=1e-6, atol=1e-9),
+    contract.Exercise(name="attention_loss", points=1.0, check=check_attention_loss, probe=probe_attention_loss,
+                      reference=tl.attention_kl, variants=ATTENTION_VARIANTS, hidden_seeds=tuple(range(6)),
+                      rtol=1e-6, atol=1e-9),
+]
