@@ -410,3 +410,19 @@ def load(profile, root: str | None = None, download: bool = False) -> ImageData:
     else:
         raise ValueError(f"profile.dataset={profile.dataset!r} is not known; use 'shapes' or 'cifar10'")
     return data
+
+
+def with_label_noise(data: ImageData, fraction: float, seed: int = 0) -> ImageData:
+    """``data`` with a ``fraction`` of the students' training labels replaced
+    by uniformly random classes (validation and test stay clean). Soft
+    targets are known to help most when labels are noisy; try it."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must be a number in [0, 1] (share of training labels to randomise), got {fraction!r}")
+    if fraction == 0:
+        return data
+    g = torch.Generator().manual_seed(seed)
+    labels = data.train.labels.clone()
+    flip = torch.rand(len(labels), generator=g) < fraction
+    labels[flip] = torch.randint(0, data.num_classes, (int(flip.sum()),), generator=g)
+    train = Split(data.train.images, labels, data.train.classes, data.train.augment, data.train.mean, data.train.std)
+    return ImageData(data.name, train, data.val, data.test, data.teacher_train)

@@ -126,3 +126,43 @@ def get_profile(name: str | None = None, **overrides) -> Profile:
     if unknown:
         raise ValueError(f"get_profile got unknown override(s) {sorted(unknown)}")
     return profile.replace(**overrides) if overrides else profile
+
+
+# --------------------------------------------------------------------------
+# Per-lab settings: one typed dataclass per lab, derived from a Profile
+# --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Lab4Settings:
+    """Lab 4's knobs for one profile (the notebook may override any)."""
+
+    network: dict  # model spec of every network in the lab (teacher and student are the same size here)
+    epochs: int  # epochs of every network trained in the lab
+    lr: float  # Adam learning rate of every network trained in the lab
+    alpha: float  # weight of the distillation term (born-again, multi-teacher, exits)
+    sweep_T: tuple  # temperatures tried for generation 2 (one seed); the best on validation is used after
+    generations: int  # born-again generations, the first one included
+    dml_T: float  # deep mutual learning (the paper: T = 1, equal weights)
+    dml_alpha: float
+    exits: tuple  # layers that get an auxiliary classifier
+
+
+def lab4_settings(profile) -> Lab4Settings:
+    """The lab's settings for ``profile`` (keyed by ``profile.name``).
+
+    Lab 4 trains about 25 networks of one size (no separate teacher), so the
+    offline profiles use a cheaper schedule than lab 1, at a learning rate
+    of 1e-2 (lab 1: 3e-3). The laptop profile uses a plain three-stage CNN of
+    7k parameters (``cnn-8-16-32``), about 2.5 times cheaper per step than
+    the lab-1 student, for 12 epochs on ````kdcourse.recipes.lab4.LAPTOP_N_TRAIN```` images, to keep
+    "Run All" within minutes on 2 cores; smoke uses ``profile.student`` for
+    60 % of ``profile.student_epochs``; ``full`` uses the profile as is.
+    """
+    base = dict(alpha=0.5, sweep_T=(1.0, 2.0, 4.0), generations=3, dml_T=1.0, dml_alpha=0.5, exits=("layer1", "layer2"))
+    if profile.name == "laptop":  # pinned: 12 epochs on LAPTOP_N_TRAIN images, whatever lab 1's student uses
+        return Lab4Settings(network={"arch": "cnn", "widths": (8, 16, 32)}, epochs=12, lr=1e-2, **base)
+    if profile.dataset == "shapes":
+        return Lab4Settings(network=dict(profile.student), epochs=max(1, round(0.6 * profile.student_epochs)), lr=1e-2,
+                           **base)
+    return Lab4Settings(network=dict(profile.student), epochs=profile.student_epochs, lr=profile.lr,
+                       **dict(base, sweep_T=(1.0, 2.0, 4.0, 8.0)))

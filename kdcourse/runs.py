@@ -104,7 +104,7 @@ class Summary:
     params: int | None = None
 
     def __str__(self) -> str:
-        return f"{100 * self.mean:.2f} ± {100 * self.std:.2f} % (n={self.n})"
+        return f"{fmt_mean_std(self)} % (n={self.n})"
 
 
 def summarize(runs: Sequence[Run], name: str | None = None) -> Summary:
@@ -135,6 +135,87 @@ def welch_t(a: Summary, b: Summary) -> tuple[float, float]:
     denom = (va ** 2 / (a.n - 1) if a.n > 1 else 0) + (vb ** 2 / (b.n - 1) if b.n > 1 else 0)
     dof = (va + vb) ** 2 / denom if denom else float(a.n + b.n - 2)
     return t, dof
+
+
+# --------------------------------------------------------------------------
+# Reading results: summaries of values, verdicts, table rows
+# --------------------------------------------------------------------------
+
+def fmt_mean_std(summary: "Summary", scale: float = 100.0, digits: int = 2) -> str:
+    """``"87.25 ± 0.41"``: a summary's mean and std (accuracies in points by default)."""
+    return f"{scale * summary.mean:.{digits}f} ± {scale * summary.std:.{digits}f}"
+
+
+def summary_of(name: str, values: Sequence[float], params: int | None = None) -> Summary:
+    """A :class:`~kdcourse.Summary` (mean, sample std) of accuracies."""
+    values = tuple(float(v) for v in values)
+    if not values:
+        raise ValueError(f"{name}: no values to summarise")
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return Summary(name, statistics.fmean(values), std, len(values), values, params)
+
+
+def verdict(better: Summary, worse: Summary) -> str:
+    """Say whether ``better`` differs from ``worse`` beyond the seed noise:
+    "gain above noise", "loss above noise" or "within seed-to-seed noise".
+
+    The rule is |Welch t| >= 2 (:func:`kdcourse.welch_t`). With 3 seeds
+    a side that is lenient — the 5 % two-sided threshold is about 2.8 to 4.3
+    depending on the degrees of freedom — so "within noise" means these
+    runs cannot tell the two apart, and "above noise" is a first
+    indication, not a proof. A summary
+    of one run has no spread of its own: it is compared with twice the
+    other side's standard deviation, and the reading says "one run".
+    """
+    if better.n < 2:
+        spread = 2 * worse.std
+        if spread == 0:
+            return "one run, no spread to compare with"
+        inside = abs(better.mean - worse.mean) < spread
+        return "one run: within 2 std of the baseline" if inside else \
+            ("one run: more than 2 std above the baseline" if better.mean > worse.mean else "one run: more than 2 std below the baseline")
+    t, _ = welch_t(better, worse)
+    if abs(t) < 2:
+        return "within seed-to-seed noise"
+    return "gain above noise" if t > 0 else "loss above noise"
+
+
+def significance(better: Summary, worse: Summary) -> str:
+    """One line: the difference in points, in pooled standard deviations,
+    Welch's t and the :func:`verdict`."""
+    diff = 100 * (better.mean - worse.mean)
+    gap = gap_in_std(better, worse)
+    t, dof = welch_t(better, worse)
+    return (f"{better.name} − {worse.name}: {diff:+.2f} points = {gap:+.1f} pooled std, "
+            f"Welch t = {t:+.1f} ({dof:.1f} d.o.f., n = {better.n} and {worse.n}) → {verdict(better, worse)}")
+
+
+def per_seed(better: Summary, worse: Summary) -> str:
+    """The differences seed by seed, in points (``values`` in seed order).
+
+    Where both sides start from the same weights and batches (this lab's
+    comparisons with scratch), these paired differences are less noisy than
+    the difference of the means — with 3 seeds, still only an indication."""
+    if better.n != worse.n:
+        raise ValueError(f"per_seed needs the same seeds on both sides, got n = {better.n} and {worse.n}")
+    diffs = [100 * (a - b) for a, b in zip(better.values, worse.values)]
+    return f"{better.name} − {worse.name}, seed by seed: " + ", ".join(f"{d:+.2f}" for d in diffs) + " points"
+
+
+def compare_row(summary: Summary, baseline: Summary, method: str | None = None, inference: str = "1 network",
+                anchor: str = "") -> dict:
+    """A row of the lab's summary table: ``summary`` against ``baseline``."""
+    same = summary is baseline
+    return {
+        "method": method or summary.name,
+        "at inference": inference,
+        "test acc (%)": fmt_mean_std(summary),
+        "seeds": summary.n,
+        "Δ vs scratch (points)": "" if same else f"{100 * (summary.mean - baseline.mean):+.2f}",
+        "Welch t": "" if same or summary.n < 2 else f"{welch_t(summary, baseline)[0]:+.1f}",
+        "reading": "baseline" if same else verdict(summary, baseline),
+        "published anchor": anchor,
+    }
 
 
 def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:

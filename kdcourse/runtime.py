@@ -1,4 +1,5 @@
-"""The one place that chooses the device and seeds the random generators.
+"""The one place that chooses the device, seeds the random generators and
+sets the number of CPU threads.
 
 A GPU is used when present (``KDCOURSE_DEVICE`` can force ``cpu``); nothing in
 the course requires one.
@@ -36,3 +37,12 @@ def seed_everything(seed: int) -> torch.Generator:
     gen = torch.Generator()
     gen.manual_seed(seed)
     return gen
+
+
+def device_of(model) -> torch.device:
+    """The device of ``model``'s first parameter (CPU for a model without
+    parameters, or a plain callable)."""
+    if isinstance(model, torch.nn.Module):
+        for p in model.parameters():
+            return p.device
+    return torch.device("cpu")
