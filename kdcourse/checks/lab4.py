@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from .. import models
 from ..data import Split
 from ..losses import mutual
-from ..train import Distill, fit
-from . import Case, CheckFailed, _close, diagnose
+from ..train import Distill, Objective, fit
+from . import Case, CheckFailed, _close, contract, diagnose
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -256,3 +256,135 @@ def check_born_again(fn: Callable) -> bool:
     print(f"✓ born_again: {n_gen} generations, each a fresh network; generation k+1 distilled from the frozen "
           f"generation k at T = {', '.join(f'{T:g}' for T in temperatures)}")
     return True
+
+
+# --------------------------------------------------------------------------
+# Declarations (kdcourse.checks.contract): what the grader probes
+# --------------------------------------------------------------------------
+
+def probe_mutual_loss(fn: Callable, seed: int) -> dict:
+    """2-4 peers, random N, C, T and alpha (the defaults T=1, alpha=0.5 on
+    every fourth seed): the loss and its gradient w.r.t. every peer's
+    logits (a right value with leaking or blocked gradients is wrong)."""
+    g = contract.generator(seed)
+    k = 2 + seed % 3
+    n, c = 1 + int(torch.randint(0, 8, (1,), generator=g)), 2 + int(torch.randint(0, 9, (1,), generator=g))
+    peers = [(torch.randn(n, c, generator=g, dtype=torch.float64) * (1.0 + j)).requires_grad_(True) for j in range(k)]
+    y = torch.randint(0, c, (n,), generator=g)
+    if seed % 4 == 0:
+        out = fn(list(peers), y)
+    else:
+        T, alpha = [2.0, 1.0, 3.0, 4.0][seed % 4], [0.7, 0.3, 0.9, 0.5, 0.1][seed % 5]
+        out = fn(list(peers), y, T=T, alpha=alpha)
+    return {"loss": contract.scalar(out, "mutual_loss"), "grads": contract.grad(out, peers, seed)}
+
+
+class _BornAgainProbe:
+    """``new_model``/``train`` for the probe: seeded tiny networks and data;
+    every call recorded as plain facts, the trained networks' logits kept."""
+
+    def __init__(self, seed: int):
+        g = contract.generator(seed)
+        self.split = Split(torch.randn(24, 3, 4, 4, generator=g), torch.randint(0, 3, (24,), generator=g), ("a", "b", "c"))
+        self.x = torch.randn(5, 3, 4, 4, generator=g)
+        self.width = 4 + seed % 5
+        self.made: list = []
+        self.calls: list = []
+
+    def index(self, m) -> int:
+        return next((i for i, x in enumerate(self.made) if x is m), -1)
+
+    def new_model(self) -> nn.Module:
+        torch.manual_seed(1000 + len(self.made))
+        m = models.MLP(48, (self.width,), num_classes=3)
+        self.made.append(m)
+        return m
+
+    def train(self, model, objective):
+        teacher = getattr(objective, "teacher", None)
+        rec = {"model": self.index(model), "objective": "distill" if isinstance(objective, Distill) else
+               "labels" if type(objective) is Objective else type(objective).__name__,
+               "teacher": self.index(teacher) if teacher is not None else None,
+               "T": float(objective.T) if isinstance(getattr(objective, "T", None), (int, float)) else None,
+               "alpha": float(objective.alpha) if isinstance(getattr(objective, "alpha", None), (int, float)) else None,
+               "frozen": bool(getattr(objective, "frozen", False))}
+        before = {k: v.detach().clone() for k, v in teacher.state_dict().items()} if isinstance(teacher, nn.Module) else None
+        if isinstance(model, nn.Module) and teacher is not model:
+            torch.manual_seed(2000 + len(self.calls))
+            fit(model, self.split, objective, epochs=1, lr=0.05, batch_size=8, progress=False, lr_schedule="constant")
+        if before is not None:
+            rec["teacher_changed"] = any(not torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+            rec["teacher_trainable"] = any(p.requires_grad for p in teacher.parameters())
+        self.calls.append(rec)
+
+
+def probe_born_again(fn: Callable, seed: int) -> dict:
+    """2-4 temperatures and a random alpha on seeded tiny networks and data:
+    which network each ``train`` call got (as an index into the ones
+    ``new_model`` made), its objective, teacher, T, alpha, whether the
+    teacher stayed frozen; which networks came back in which order; and the
+    returned networks' logits on seeded inputs after training."""
+    g = contract.generator(seed)
+    temperatures = tuple(float(v) for v in (1 + torch.randint(0, 8, (2 + seed % 3,), generator=g)).tolist())
+    alpha = [0.3, 0.5, 0.7, 0.9][seed % 4]
+    rec = _BornAgainProbe(seed)
+    out = fn(rec.new_model, rec.train, temperatures, alpha)
+    if not isinstance(out, (list, tuple)):
+        raise contract.PlainDataError(f"born_again must return a list of the trained networks, got {type(out).__name__}")
+    data = {"calls": rec.calls, "returned": [rec.index(m) for m in out], "logits": []}
+    with torch.no_grad():
+        for m in out:
+            data["logits"].append(contract.plain(m.eval()(rec.x)) if isinstance(m, nn.Module) else None)
+    return data
+
+
+def _born_again_with(reuse=False, teacher_of=lambda gens: gens[-1], T_of=lambda ts, k: ts[k], frozen=True,
+                     keep_first=True, distill=True, pass_alpha=True):
+    def loop(new_model, train, temperatures, alpha=0.5):
+        gens = [new_model()]
+        train(gens[0], Objective())
+        for k in range(len(temperatures)):
+            student = gens[-1] if reuse else new_model()
+            kwargs = {"T": T_of(temperatures, k), "frozen": frozen}
+            if pass_alpha:
+                kwargs["alpha"] = alpha
+            train(student, Distill(teacher_of(gens), **kwargs) if distill else Objective())
+            gens.append(student)
+        return gens if keep_first else gens[1:]
+    return loop
+
+
+BORN_AGAIN_VARIANTS = {
+    "reuse": (_born_again_with(reuse=True),
+              "every generation is an earlier generation trained further; each generation must be a fresh network "
+              "from new_model() (same architecture, new random weights)"),
+    "teacher_gen1": (_born_again_with(teacher_of=lambda gens: gens[0]),
+                     "each generation learns from generation 1; it must learn from the previous one — that is what "
+                     "makes them 'born again'"),
+    "not_frozen": (_born_again_with(frozen=False),
+                   "the teacher generation is not frozen: Distill(teacher) freezes it (eval mode, no gradients); do "
+                   "not pass frozen=False"),
+    "first_T": (_born_again_with(T_of=lambda ts, k: ts[0]),
+                "every generation is distilled at temperatures[0]; generation 2 uses temperatures[0], generation 3 "
+                "temperatures[1], …"),
+    "no_first": (_born_again_with(keep_first=False),
+                 "return every generation, oldest first: generation 1 is missing"),
+    "labels_only": (_born_again_with(distill=False),
+                    "the later generations are trained on the labels only; distil each from the previous generation "
+                    "with Distill(teacher, T=..., alpha=...)"),
+    "alpha_ignored": (_born_again_with(pass_alpha=False),
+                      "alpha is not passed on: Distill(teacher, T=T, alpha=alpha) (its default is 0.9)"),
+}
+
+
+from ..recipes.lab4 import born_again as _born_again_reference  # noqa: E402  (the reference answer)
+
+EXERCISES = [
+    contract.Exercise(name="born_again", points=1.0, check=check_born_again, probe=probe_born_again,
+                      reference=_born_again_reference, variants=BORN_AGAIN_VARIANTS, hidden_seeds=(0, 1, 2),
+                      rtol=1e-5, atol=1e-6, timeout=120.0),
+    contract.Exercise(name="mutual_loss", points=1.0, check=check_mutual_loss, probe=probe_mutual_loss,
+                      reference=mutual.mutual_learning_loss,
+                      variants={**MUTUAL_LOSS_VARIANTS, **MUTUAL_GRAD_VARIANTS}, hidden_seeds=tuple(range(6)),
+                      rtol=1e-6, atol=1e-9),
+]
