@@ -46,6 +46,7 @@ def test_checks_accept_independent_correct_versions():
         return ((regressor(s) - t.detach()) ** 2).mean()
 
     def at(s, t):
+        t = t.detach()  # the teacher is a constant
         if s.shape[-1] != t.shape[-1]:
             size = min(s.shape[-1], t.shape[-1])
             s, t = F.adaptive_avg_pool2d(s, size), F.adaptive_avg_pool2d(t, size)
@@ -56,7 +57,7 @@ def test_checks_accept_independent_correct_versions():
         def psi(e):
             d = torch.cdist(e, e)
             return d / d[~torch.eye(len(e), dtype=torch.bool)].mean()
-        return F.smooth_l1_loss(psi(s), psi(t))
+        return F.smooth_l1_loss(psi(s), psi(t.detach()))
 
     assert lab2.check_hint_loss(hint)
     assert lab2.check_attention_transfer(at)
@@ -178,5 +179,175 @@ def test_not_implemented_passes_through():
         raise NotImplementedError()
 
     for check in (lab2.check_feature_extractor, lab2.check_hint_loss, lab2.check_attention_transfer, lab2.check_rkd_distance):
+        with pytest.raises(NotImplementedError):
+            check(stub)
+
+
+# --------------------------------------------------------------------------
+# The checks added with the FitNets objective, SP and InfoNCE exercises
+# --------------------------------------------------------------------------
+
+from kdcourse.distill.fitnets import FitNets, fitnets_parameters  # noqa: E402
+from kdcourse.losses import contrastive  # noqa: E402
+
+
+def test_new_checks_accept_references(capsys):
+    assert lab2.check_fitnets(FitNets)
+    assert lab2.check_fitnets_parameters(fitnets_parameters)
+    assert lab2.check_sp_loss(relation.similarity_preserving)
+    assert lab2.check_info_nce(contrastive.info_nce)
+    assert capsys.readouterr().out.count("✓") == 4
+
+
+def test_new_checks_accept_independent_correct_versions():
+    import copy
+
+    import numpy as np
+    import torch.nn as nn
+
+    from kdcourse.train import Objective, StepOutput
+
+    class MyFitNets(Objective):
+        """written another way: a private copy of the teacher kept out of the module tree, regressors in a
+        ModuleList, channel counts as NumPy integers, pooling before the regressor"""
+
+        def __init__(self, teacher, hints):
+            super().__init__()
+            object.__setattr__(self, "frozen", copy.deepcopy(teacher).eval())
+            self.names, self.weights = list(hints), [hints[n] for n in hints]
+            self.regs = nn.ModuleList()
+
+        def setup(self, model, train):
+            x = train.images[:2]
+            with torch.no_grad():
+                _, s = fx.extract(model, x, self.names)
+                _, t = fx.extract(self.frozen, x, self.names)
+            self.regs = nn.ModuleList(nn.Conv2d(np.int64(s[n].shape[1]), np.int64(t[n].shape[1]), 1) for n in self.names)
+
+        def forward(self, model, batch, state):
+            with torch.no_grad():
+                _, t = fx.extract(self.frozen, batch.x, self.names)
+            logits, s = fx.extract(model, batch.x, self.names)
+            loss = F.cross_entropy(logits, batch.labels)
+            for n, w, r in zip(self.names, self.weights, self.regs):
+                tn = F.adaptive_avg_pool2d(t[n], s[n].shape[-2:])
+                loss = loss + w * ((r(s[n]) - tn) ** 2).mean()
+            return StepOutput(loss, logits, {"loss": float(loss)})
+
+    def my_params(model, objective):
+        return [{"params": [p for p in model.parameters() if p.requires_grad]},
+                {"params": [p for r in objective.regressors.values() for p in r.parameters()], "lr": 1e-3}]
+
+    def my_sp(s, t):
+        def g(f):
+            f = f.reshape(len(f), -1)
+            m = f @ f.T
+            return m / m.norm(dim=1, keepdim=True)
+        return F.mse_loss(g(s), g(t.detach()), reduction="sum") / len(s) ** 2
+
+    def my_nce(s, t, temperature=0.1):
+        u = s / s.norm(dim=1, keepdim=True)
+        v = t.detach() / t.detach().norm(dim=1, keepdim=True)
+        logits = u @ v.T / temperature
+        return (torch.logsumexp(logits, 1) - logits.diagonal()).mean()
+
+    assert lab2.check_fitnets(MyFitNets)
+    assert lab2.check_fitnets_parameters(my_params)
+    assert lab2.check_sp_loss(my_sp)
+    assert lab2.check_info_nce(my_nce)
+
+
+@pytest.mark.parametrize("name", sorted(lab2.FITNETS_VARIANTS))
+def test_fitnets_check_rejects_each_variant(name):
+    fn, hint = lab2.FITNETS_VARIANTS[name]
+    with pytest.raises(CheckFailed) as err:
+        lab2.check_fitnets(fn)
+    assert hint in str(err.value)
+
+
+@pytest.mark.parametrize("name", sorted(lab2.FITNETS_PARAMETER_VARIANTS))
+def test_fitnets_parameters_check_rejects_each_variant(name):
+    fn, hint = lab2.FITNETS_PARAMETER_VARIANTS[name]
+    with pytest.raises(CheckFailed) as err:
+        lab2.check_fitnets_parameters(fn)
+    assert hint in str(err.value)
+
+
+@pytest.mark.parametrize("name", sorted(lab2.SP_VARIANTS))
+def test_sp_check_rejects_each_variant(name):
+    fn, hint = lab2.SP_VARIANTS[name]
+    with pytest.raises(CheckFailed) as err:
+        lab2.check_sp_loss(fn)
+    assert hint in str(err.value)
+
+
+@pytest.mark.parametrize("name", sorted(lab2.INFO_NCE_VARIANTS))
+def test_info_nce_check_rejects_each_variant(name):
+    fn, hint = lab2.INFO_NCE_VARIANTS[name]
+    with pytest.raises(CheckFailed) as err:
+        lab2.check_info_nce(fn)
+    assert hint in str(err.value)
+
+
+def test_sp_cosine_variant_is_a_different_loss_not_a_rescaling():
+    # the oracle: float64 re-derivation of both matrices on one batch; their ratio is not constant
+    s, t = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 9, dtype=torch.float64)
+    gram = relation.similarity_preserving(s, t)
+    cos = lab2.SP_VARIANTS["cosine"][0](s, t)
+    s2 = s * torch.linspace(0.5, 3, 6, dtype=torch.float64).view(-1, 1)  # rescale samples: cosine ignores it
+    assert torch.isclose(lab2.SP_VARIANTS["cosine"][0](s2, t), cos)
+    assert not torch.isclose(relation.similarity_preserving(s2, t), gram)
+
+
+def test_gradient_checks_catch_the_wrong_side_detached():
+    # the right value, the student detached and the teacher live: fails on the gradient, not on the value
+    def wrong_side(s, t):
+        return relation.similarity_preserving(t, s.detach())  # symmetric in value, detaches the student
+
+    with pytest.raises(CheckFailed, match="gradients into the teacher"):
+        lab2.check_sp_loss(wrong_side)
+
+    def leaves_autograd(s, t, temperature=0.1):  # value right, gradient through only half of the expression
+        u = F.normalize(s, dim=1)
+        v = F.normalize(t.detach(), dim=1)
+        logits = u @ v.T / temperature
+        return torch.logsumexp(logits, 1).mean() - logits.diagonal().detach().mean()
+
+    with pytest.raises(CheckFailed, match="wrong gradient"):
+        lab2.check_info_nce(leaves_autograd)
+
+    def rkd_teacher_live(s, t):
+        def psi(e):
+            d = torch.cdist(e, e)
+            return d / d[d > 0].mean()
+        return F.smooth_l1_loss(psi(s), psi(t))
+
+    with pytest.raises(CheckFailed, match="teacher.detach"):
+        lab2.check_rkd_distance(rkd_teacher_live)
+
+
+@pytest.mark.parametrize("check,fn", [
+    (lab2.check_sp_loss, lambda s, t: relation.similarity_preserving(s.add_(1.0), t)),
+    (lab2.check_info_nce, lambda s, t, temperature=0.1: contrastive.info_nce(s, t.mul_(1.0).add_(0.5), temperature)),
+    (lab2.check_attention_transfer, lambda s, t: feature.attention_transfer_loss(s.mul_(2.0), t)),
+    (lab2.check_rkd_distance, lambda s, t: relation.rkd_distance(s, t.sub_(t.mean(0)))),
+    (lab2.check_hint_loss, lambda s, t, regressor: feature.hint_loss(s.mul_(1.5), t, regressor)),
+])
+def test_in_place_change_of_an_input_is_named(check, fn):
+    with pytest.raises(CheckFailed, match="in place"):
+        check(fn)
+
+
+def test_new_checks_pass_not_implemented_through():
+    def stub(*args, **kwargs):
+        raise NotImplementedError()
+
+    class Stub(FitNets):
+        def setup(self, model, train):
+            raise NotImplementedError()
+
+    with pytest.raises(NotImplementedError):
+        lab2.check_fitnets(Stub)
+    for check in (lab2.check_fitnets_parameters, lab2.check_sp_loss, lab2.check_info_nce):
         with pytest.raises(NotImplementedError):
             check(stub)

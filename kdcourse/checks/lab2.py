@@ -477,9 +477,9 @@ def check_gradients(name: str, fn: Callable, reference: Callable, args: tuple, s
 # --------------------------------------------------------------------------
 
 def fitnets_setting(seed: int = 0, n: int = 6):
-    """A small teacher (ResNet-8, width 8, full resolution: layer1-3 at 32, 16
-    and 8 px with 8, 16, 32 channels), a student (SmallCNN (4, 6, 8): 16, 8,
-    4 px with 4, 6, 8 channels), a split of ``n`` 32x32 images and its first
+    """A small teacher (ResNet-8, width 8, full resolution: layer1-3 at 16, 8
+    and 4 px with 8, 16, 32 channels), a student (SmallCNN (4, 6, 8): 8, 4,
+    2 px with 4, 6, 8 channels), a split of ``n`` 16x16 images and its first
     batch, in float32 (a regressor built with nn.Conv2d defaults matches).
     Every hinted layer needs a regressor and pooling."""
     torch.manual_seed(seed)
@@ -492,7 +492,7 @@ def fitnets_setting(seed: int = 0, n: int = 6):
     teacher.eval()
     student = SmallCNN((4, 6, 8), num_classes=4)
     g = _gen(seed + 100)
-    x = torch.randn(n, 3, 32, 32, generator=g)
+    x = torch.randn(n, 3, 16, 16, generator=g)
     labels = torch.randint(0, 4, (n,), generator=g)
     split = Split(x, labels, ("a", "b", "c", "d"))
     batch = next(split.batches(n))
@@ -639,7 +639,7 @@ def _match_regressors(r: dict, s_ch: dict, t_ch: dict) -> dict:
 
 
 def _channels(model, names):
-    x = torch.zeros(1, 3, 32, 32)
+    x = torch.zeros(1, 3, 16, 16)
     with torch.no_grad():
         was = model.training
         model.eval()
