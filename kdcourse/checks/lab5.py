@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from . import CheckFailed
+from . import CheckFailed, contract
 
 # --------------------------------------------------------------------------
 # Exercise: which layers are still float?
@@ -304,3 +304,353 @@ def check_static_int8(int8_path: str, float_path: str, inputs, min_agreement: fl
     print(f"✓ static INT8: QDQ, per-channel weights, uint8 activations; {cp['int8']}/{cp['int8'] + cp['float']} "
           f"convolutions run as QLinearConv; agrees with float on {100 * agree:.1f}% of {len(ref)} inputs")
     return True
+
+
+# --------------------------------------------------------------------------
+# Declarations (kdcourse.checks.contract): what the grader probes
+# --------------------------------------------------------------------------
+
+def _random_tree(g: torch.Generator, depth: int = 0) -> nn.Module:
+    """A random nest of Sequentials holding Conv2d, Linear and other layers."""
+    parts = []
+    for _ in range(1 + int(torch.randint(0, 4, (1,), generator=g))):
+        r = int(torch.randint(0, 6, (1,), generator=g))
+        if r == 0 and depth < 2:
+            parts.append(_random_tree(g, depth + 1))
+        elif r in (1, 2):
+            parts.append(nn.Linear(3, 3))
+        elif r == 3:
+            parts.append(nn.Conv2d(2, 2, 1))
+        else:
+            parts.append([nn.ReLU(), nn.BatchNorm1d(3), nn.Identity()][r - 4 if r < 6 else 0])
+    return nn.Sequential(*parts)
+
+
+def probe_float_layers(fn: Callable, seed: int) -> list:
+    """A seeded random nest of layers, the same after quantize_dynamic, and
+    (every other seed) a model of the course: the counts returned for each."""
+    import warnings
+
+    from torch.ao.quantization import quantize_dynamic
+
+    from ..models import build
+
+    g = contract.generator(seed)
+    tree = _random_tree(g)
+    cases = [tree]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cases.append(quantize_dynamic(_random_tree(contract.generator(seed + 1)).eval(), {nn.Linear}, dtype=torch.qint8))
+        if seed % 2 == 0:
+            cases.append(build({"arch": "cnn", "widths": (4, 8, 16)}, 10))
+        else:
+            cases.append(quantize_dynamic(build({"arch": "resnet", "depth": 8, "width": 4}, 10).eval(), {nn.Linear},
+                                          dtype=torch.qint8))
+    out = []
+    for model in cases:
+        got, raised = contract.attempt(fn, model)
+        if raised:
+            out.append(raised)
+        elif not isinstance(got, dict):
+            raise contract.PlainDataError(f"float_layers must return a dict, got {type(got).__name__}")
+        else:
+            out.append({str(k): (int(v) if isinstance(v, int) or (isinstance(v, torch.Tensor) and v.numel() == 1)
+                                 else f"not a count: {type(v).__name__}") for k, v in got.items()})
+    return out
+
+
+FLOAT_LAYERS_VARIANTS = {
+    "by_name": (_by_name, "a dynamically quantized Linear is a class that is *also named* 'Linear' "
+                          "(torch.ao.nn.quantized.dynamic.Linear): comparing type names counts it as float. "
+                          "Use isinstance(m, nn.Linear)."),
+    "children_only": (_children_only, "only the top-level children are counted: layers sit inside Sequential "
+                                      "blocks. Use model.modules(), which walks the whole tree."),
+}
+
+
+def reference_latency_ms(model, x, runs=100, warmup=10):
+    """The reference answer of ``latency_ms`` (refused in the grading kernel)."""
+    import numpy as np
+
+    times = []
+    with torch.inference_mode():
+        for _ in range(warmup):
+            model(x)
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            model(x)
+            times.append((time.perf_counter() - t0) * 1000)
+    return float(np.percentile(times, 50)), float(np.percentile(times, 99))
+
+
+def _latency_variant(unit=1000.0, warm=True, timed_warm=False, grad=False, stat="percentile", swap=False):
+    import numpy as np
+
+    def latency(model, x, runs=100, warmup=10):
+        times = []
+        ctx = torch.enable_grad() if grad else torch.inference_mode()
+        with ctx:
+            for _ in range(warmup if warm else 0):
+                t0 = time.perf_counter()
+                model(x)
+                if timed_warm:
+                    times.append((time.perf_counter() - t0) * unit)
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                model(x)
+                times.append((time.perf_counter() - t0) * unit)
+        p50 = float(np.mean(times)) if stat == "mean" else float(np.percentile(times, 50))
+        p99 = float(np.percentile(times, 99))
+        return (p99, p50) if swap else (p50, p99)
+    return latency
+
+
+LATENCY_VARIANTS = {
+    "no_warmup": (_latency_variant(warm=False), "the warm-up calls are missing: call the model `warmup` times "
+                                                "(untimed) before timing `runs` calls."),
+    "timed_warmup": (_latency_variant(timed_warm=True), "the warm-up calls were timed too: time only the calls "
+                                                        "after the warm-up."),
+    "seconds": (_latency_variant(unit=1.0), "the times look like seconds — multiply by 1000 to report milliseconds."),
+    "grad": (_latency_variant(grad=True), "the model ran with autograd enabled: wrap the calls in "
+                                          "torch.inference_mode() (or torch.no_grad())."),
+    "mean": (_latency_variant(stat="mean"), "the p50 is the median (np.percentile(times, 50)), not the mean, which "
+                                            "the slow calls pull up."),
+    "swapped": (_latency_variant(swap=True), "p50 and p99 are swapped: return (p50, p99)."),
+}
+
+
+def probe_latency_ms(fn: Callable, seed: int) -> dict:
+    """A fake model with seeded known timings (cold warm-up calls, then fast
+    calls with slow ones among them): the two numbers returned, how many
+    calls the model got and whether autograd was on."""
+    warmup, runs = 2 + seed % 3, 15 + 5 * (seed % 2)
+    fake = _ScriptedModel(warmup, fast_s=0.001 * (1 + seed % 2), slow_s=0.03 + 0.01 * (seed % 3), cold_s=0.12)
+    out = fn(fake, torch.zeros(1, 3, 8, 8), runs=runs, warmup=warmup)
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        raise contract.PlainDataError(f"latency_ms must return a pair (p50_ms, p99_ms), got {type(out).__name__}")
+    try:
+        p50, p99 = (float(v) for v in out)
+    except (TypeError, ValueError):
+        raise contract.PlainDataError("latency_ms must return two numbers") from None
+    return {"p50": p50, "p99": p99, "calls": fake.calls, "autograd": any(fake.grad_enabled)}
+
+
+def compare_latency(a, b, seed) -> str | None:
+    """Timings agree within max(6 ms, 35%) (p50) and max(15 ms, 35%) (p99);
+    call counts and autograd exactly."""
+    for key in ("calls", "autograd"):
+        if a.get(key) != b.get(key):
+            return f"[{key!r}]: got {a.get(key)!r}, expected {b.get(key)!r}"
+    for key, floor in (("p50", 6.0), ("p99", 15.0)):
+        if abs(a[key] - b[key]) > max(floor, 0.35 * abs(b[key])):
+            return f"[{key!r}]: got {a[key]:.4g} ms, expected about {b[key]:.4g} ms"
+    return None
+
+
+def _calibration_data(seed: int):
+    """Seeded uint8 images, the training labels sorted by class (the first
+    images of a split are then one class)."""
+    from ..data import ImageData, Split
+
+    g = contract.generator(seed)
+
+    def split(n, sort):
+        labels = torch.randint(0, 6, (n,), generator=g)
+        labels = labels.sort().values if sort else labels
+        return Split(torch.randint(0, 256, (n, 3, 6, 6), generator=g, dtype=torch.uint8), labels, tuple("abcdef"))
+    return ImageData("probe", split(120, True), split(40, False), split(40, False))
+
+
+def probe_calibration_set(fn: Callable, seed: int) -> dict:
+    """Seeded data whose training labels are sorted by class, n from 20 to 60:
+    how many images came back, of which shape and dtype, from which split,
+    whether they are normalised, distinct, and cover half the classes."""
+    data = _calibration_data(seed)
+    n = 20 + (seed * 7) % 41
+    out = fn(data, n)
+    if isinstance(out, torch.Tensor):
+        out = [out]
+    if not isinstance(out, (list, tuple)) or not all(isinstance(b, torch.Tensor) for b in out):
+        raise contract.PlainDataError("calibration_set must return a list of tensors (B, C, H, W)")
+    keys = {}
+    for name in ("train", "val", "test"):
+        sp = getattr(data, name)
+        for i, r in enumerate(next(sp.with_augment(False).batches(len(sp))).x.reshape(len(sp), -1)):
+            keys.setdefault(_key(r), (name, int(sp.labels[i]), i))
+    rows = [r for b in out for r in b.float().reshape(len(b), -1)] if all(b.ndim == 4 for b in out) else []
+    found = [keys.get(_key(r), ("other", -1, -1)) for r in rows]
+    where = {s: sum(f[0] == s for f in found) for s in ("train", "val", "test", "other")}
+    classes = {f[1] for f in found if f[0] == "train"}
+    return {"total": sum(len(b) for b in out), "shape_ok": all(b.ndim == 4 and tuple(b.shape[1:]) == (3, 6, 6) for b in out),
+            "float": all(b.is_floating_point() for b in out), "from": where,
+            "distinct": len({f for f in found}) == len(found),
+            "raw": bool(rows) and float(torch.stack(rows).min()) >= 0 and float(torch.stack(rows).max()) > 1.5,
+            "covers_half": len(classes) >= min(data.num_classes, n) // 2}
+
+
+def reference_calibration_set(data, n, batch_size=32):
+    """The reference answer of ``calibration_set`` (refused in the grading kernel)."""
+    from .. import deploy
+
+    return deploy.calibration_batches(data.train, n, batch_size)
+
+
+def _calib_from(split_name=None, first=False, raw=False):
+    def calibration_set(data, n, batch_size=32):
+        split = getattr(data, split_name or "train")
+        if raw:
+            return [split.images[:n].float()]
+        idx = torch.arange(min(n, len(split))) if first else \
+            torch.randperm(len(split), generator=torch.Generator().manual_seed(0))[:n]
+        return [b.x for b in split.subset(idx).with_augment(False).batches(batch_size)]
+    return calibration_set
+
+
+CALIBRATION_VARIANTS = {
+    "test": (_calib_from("test"), "these are test images: calibrating on the set you report accuracy on lets it leak "
+                                  "into the model. Use data.train."),
+    "val": (_calib_from("val"), "these are validation images: keep val and test for measuring the model and "
+                                "calibrate on data.train."),
+    "raw": (_calib_from(raw=True), "raw pixels, not the normalised inputs the model was trained on. Take batches "
+                                   "from split.batches()."),
+    "first_n": (_calib_from(first=True), "the first n training images cover only a few classes: draw them at "
+                                         "random from the training set so the activation ranges of every class "
+                                         "are seen"),
+}
+
+
+def _tiny_onnx(seed: int) -> str:
+    """A seeded tiny CNN exported to ONNX (cached per process)."""
+    import tempfile
+    import warnings
+
+    path = os.path.join(tempfile.gettempdir(), f"kdcourse-probe-{os.getpid()}-{seed % 2}.onnx")
+    if not os.path.exists(path):
+        torch.manual_seed(seed % 2)
+        model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 8, 3, stride=2, padding=1),
+                              nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)).eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (torch.zeros(1, 3, 12, 12),), path + ".tmp", dynamo=False, input_names=["input"],
+                              output_names=["logits"], dynamic_axes={"input": {0: "batch"}})
+        os.replace(path + ".tmp", path)
+    return path
+
+
+def probe_quantize_student(fn: Callable, seed: int) -> dict:
+    """A seeded tiny exported CNN and calibration batches: which quantization
+    operators the returned file holds, per-channel weights, the activation
+    zero-point types, how many convolutions ONNX Runtime runs in INT8, and
+    the INT8 model's logits on seeded inputs."""
+    import tempfile
+
+    from .. import deploy
+
+    g = contract.generator(seed)
+    float_path = _tiny_onnx(seed)
+    calibration = [torch.randn(8, 3, 12, 12, generator=g) for _ in range(3)]
+    out_dir = tempfile.mkdtemp(prefix="kdcourse-probe-")
+    out_path = os.path.join(out_dir, "int8.onnx")
+    got = fn(float_path, out_path, calibration)
+    if not isinstance(got, (str, os.PathLike)) or not os.path.isfile(got):
+        return {"file": "no quantized ONNX file at the returned path"}
+    if os.path.abspath(got) == os.path.abspath(float_path):
+        return {"file": "the float model's path"}
+    ops = deploy.onnx_op_types(got)
+    cp = deploy.conv_precision(got, threads=1)
+    x = torch.randn(16, 3, 12, 12, generator=g)
+    return {"file": "new", "ops": {k: int(ops.get(k, 0)) > 0 for k in ("QuantizeLinear", "DequantizeLinear",
+                                                                         "QLinearConv", "DynamicQuantizeLinear",
+                                                                         "ConvInteger", "MatMulInteger")},
+            "per_channel": deploy.weight_scales_per_channel(got), "zero_points": sorted(_activation_zero_point_types(got)),
+            "int8_convs": cp["int8"], "float_convs": cp["float"],
+            "logits": contract.plain(deploy.OnnxModel(got, threads=1)(x).double())}
+
+
+def compare_quantized(a, b, seed) -> str | None:
+    """Everything equal except the logits, whose predicted classes must agree
+    on 90% of the inputs (and their values within 0.05 on average)."""
+    if set(a) != set(b) or "logits" not in b:
+        return contract.compare(a, b)
+    d = contract.compare({k: v for k, v in a.items() if k != "logits"}, {k: v for k, v in b.items() if k != "logits"})
+    if d:
+        return d
+    la, lb = contract.as_tensor(a["logits"]), contract.as_tensor(b["logits"])
+    if la.shape != lb.shape:
+        return f"['logits']: shape {tuple(la.shape)}, expected {tuple(lb.shape)}"
+    agree = float((la.argmax(-1) == lb.argmax(-1)).double().mean())
+    gap = float((la - lb).abs().mean())
+    return None if agree >= 0.9 and gap <= 0.05 else \
+        f"['logits']: the INT8 model's predictions agree with the reference INT8 model on {100 * agree:.0f}% of the inputs (mean |difference| {gap:.3g})"
+
+
+def reference_quantize_student(float_path, out_path, calibration):
+    """The reference answer of ``quantize_student`` (refused in the grading kernel)."""
+    from .. import deploy
+
+    return deploy.quantize_static_onnx(float_path, out_path, calibration)
+
+
+def _quantize_with(**kw):
+    def quantize_student(float_path, out_path, calibration):
+        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+        class Reader(CalibrationDataReader):
+            def __init__(self):
+                self.feeds = iter([{"input": b.numpy()} for b in calibration])
+
+            def get_next(self):
+                return next(self.feeds, None)
+
+        opts = dict(quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt8,
+                    activation_type=QuantType.QUInt8)
+        opts.update({k: (getattr(QuantFormat, v) if k == "quant_format" else getattr(QuantType, v)
+                         if k.endswith("_type") else v) for k, v in kw.items()})
+        quantize_static(float_path, out_path, Reader(), **opts)
+        return out_path
+    return quantize_student
+
+
+def _dynamic(float_path, out_path, calibration):
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(float_path, out_path, weight_type=QuantType.QInt8)
+    return out_path
+
+
+QUANTIZE_VARIANTS = {
+    "dynamic": (_dynamic, "this is *dynamic* quantization (activations quantized at run time): use static "
+                          "quantization with calibration data (onnxruntime.quantization.quantize_static)."),
+    "qoperator": (_quantize_with(quant_format="QOperator"),
+                  "the file holds QLinearConv nodes: that is the QOperator format. Use the QDQ format "
+                  "(quant_format=QuantFormat.QDQ), which ONNX Runtime fuses into the same INT8 kernels."),
+    "per_tensor": (_quantize_with(per_channel=False),
+                   "the convolution weights are quantized per tensor (one scale per layer): use per_channel=True, "
+                   "one scale per output channel — it keeps small channels accurate."),
+    "int8_activations": (_quantize_with(activation_type="QInt8"),
+                         "activations are signed int8: ONNX Runtime on x86 then runs convolutions in float and is "
+                         "slower. Use activation_type=QuantType.QUInt8 (weights stay QInt8)."),
+    "float_path": (lambda float_path, out_path, calibration: float_path,
+                   "the INT8 path is the float model's path: write the quantized model to a new file"),
+}
+
+
+from ..deploy import calibration_batches as deploy_calibration_batches  # noqa: E402  (package answers,
+from ..deploy import float_layers as deploy_float_layers  # noqa: E402  refused while grading)
+from ..deploy import measure_latency as deploy_measure_latency  # noqa: E402
+from ..deploy import quantize_static_onnx as deploy_quantize_static_onnx  # noqa: E402
+
+EXERCISES = [
+    contract.Exercise(name="float_layers", points=1.0, check=check_float_layers, probe=probe_float_layers,
+                      reference=deploy_float_layers, variants=FLOAT_LAYERS_VARIANTS, hidden_seeds=(0, 1, 2, 3),
+                      rtol=0.0, atol=0.0),
+    contract.Exercise(name="latency_ms", points=1.0, check=check_latency_fn, probe=probe_latency_ms,
+                      reference=reference_latency_ms, variants=LATENCY_VARIANTS, hidden_seeds=(0, 1),
+                      compare=compare_latency, refuse=(deploy_measure_latency,), timeout=60.0),
+    contract.Exercise(name="calibration_set", points=1.0, check=check_calibration_set, probe=probe_calibration_set,
+                      reference=reference_calibration_set, variants=CALIBRATION_VARIANTS, hidden_seeds=(0, 1, 2),
+                      refuse=(deploy_calibration_batches,)),
+    contract.Exercise(name="quantize_student", points=1.0, check=check_static_int8, probe=probe_quantize_student,
+                      reference=reference_quantize_student, variants=QUANTIZE_VARIANTS, hidden_seeds=(0, 1),
+                      compare=compare_quantized, refuse=(deploy_quantize_static_onnx,), timeout=120.0),
+]
