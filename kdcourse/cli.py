@@ -19,8 +19,12 @@ def _labgen(args) -> int:
 
     changed = labgen.generate_all(args.solutions, args.labs, check=args.check)
     if args.check:
+        problems = labgen.check_declarations(args.solutions)
+        for p in problems:
+            print(f"exercise declarations: {p}")
         if changed:
             print("stale labs (run `make labs`): " + ", ".join(changed))
+        if changed or problems:
             return 1
         print("labs are in sync with solutions")
         return 0

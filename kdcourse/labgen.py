@@ -165,3 +165,67 @@ _NUM_RE = re.compile(r"^\d\d_")
 
 def solution_notebooks(solutions_dir: str = "solutions") -> list[str]:
     return sorted(p for p in glob.glob(os.path.join(solutions_dir, "*.ipynb")) if _NUM_RE.match(os.path.basename(p)))
+
+
+# --------------------------------------------------------------------------
+# The exercise declarations (kdcourse.checks.contract) against the solutions
+# --------------------------------------------------------------------------
+
+def solution_functions(nb: dict) -> dict:
+    """``{name: cell index}`` for every top-level function (or class) holding
+    a ``### BEGIN SOLUTION`` block in a code cell: the exercises."""
+    import ast
+
+    found = {}
+    for i in exercise_cells(nb):
+        cell = nb["cells"][i]
+        if cell["cell_type"] != "code":
+            continue
+        src = source(cell)
+        marks = [n + 1 for n, line in enumerate(src.split("\n")) if line.strip() == BEGIN]
+        try:
+            tree = ast.parse(src)
+        except SyntaxError:
+            continue
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and \
+                    any(node.lineno <= m <= (node.end_lineno or node.lineno) for m in marks):
+                found[node.name] = i
+    return found
+
+
+def declaration_problems(nb: dict, stem: str) -> list[str]:
+    """Where a solution and its lab's declared exercises
+    (``kdcourse/checks/labN.py: EXERCISES``) disagree: a declared exercise no
+    solution cell defines, an exercise cell no declaration names, points in a
+    cell's metadata that differ from the declared ones (the declaration
+    decides the points)."""
+    from .checks import contract
+
+    declared = contract.exercises_for(stem)
+    names = [e.name for e in declared]
+    module = contract.lab_module(stem)
+    cells = solution_functions(nb)
+    problems = [f"{stem}: exercise {n!r} is declared in {module}.EXERCISES but no solution cell defines it "
+                f"inside a {BEGIN} block" for n in names if n not in cells]
+    problems += [f"{stem}: solution cell {i} defines exercise function {n!r}, which {module}.EXERCISES does not "
+                 f"declare" for n, i in cells.items() if n not in names]
+    if len(set(names)) != len(names):
+        problems.append(f"{stem}: two declared exercises share a name ({names})")
+    for e in declared:
+        if e.name in cells:
+            meta = nb["cells"][cells[e.name]].get("metadata", {})
+            for key in ("kdcourse", "nbgrader"):
+                pts = (meta.get(key) or {}).get("points")
+                if pts is not None and float(pts) != float(e.points):
+                    problems.append(f"{stem}: cell {cells[e.name]} says {key}.points = {pts} but {module} declares "
+                                    f"{e.name} worth {e.points:g} (the declaration decides; drop the metadata)")
+    return problems
+
+
+def check_declarations(solutions_dir: str = "solutions") -> list[str]:
+    """:func:`declaration_problems` for every solution notebook."""
+    problems = []
+    for sol in solution_notebooks(solutions_dir):
+        problems += declaration_problems(read(sol), os.path.splitext(os.path.basename(sol))[0])
+    return problems

@@ -64,43 +64,16 @@ def defined_functions(src: str) -> list[str]:
 
         tree = ast.parse(TransformerManager().transform_cell(src))
     except (SyntaxError, ValueError, ImportError):
-        return re.findall(r"^(?:async\s+)?def\s+(\w+)\s*\(", src, flags=re.M)
-    return [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+        return re.findall(r"^(?:(?:async\s+)?def|class)\s+(\w+)\s*[(:]", src, flags=re.M)
+    return [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
 
 
 def solution_exercise_cells(solution: dict) -> dict:
-    """``{function name: cell index}`` for every function holding a
-    ``### BEGIN SOLUTION`` block in a code cell of a solution notebook."""
-    found = {}
-    for i in labgen.exercise_cells(solution):
-        cell = solution["cells"][i]
-        if cell["cell_type"] != "code":
-            continue
-        src = labgen.source(cell)
-        marks = [n + 1 for n, line in enumerate(src.split("\n")) if line.strip() == labgen.BEGIN]
-        try:
-            tree = ast.parse(src)
-        except SyntaxError:
-            continue
-        for node in tree.body:
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and \
-                    any(node.lineno <= m <= (node.end_lineno or node.lineno) for m in marks):
-                found[node.name] = i
-    return found
+    return labgen.solution_functions(solution)
 
 
 def declaration_problems(solution: dict, stem: str) -> list[str]:
-    """Where the declarations and the solution disagree (``labgen --check``
-    and :func:`load_lab` refuse such a lab)."""
-    declared = [e.name for e in contract.exercises_for(stem)]
-    cells = solution_exercise_cells(solution)
-    problems = [f"{stem}: exercise {n!r} is declared in {contract.lab_module(stem)}.EXERCISES but no solution cell "
-                f"defines it inside a {labgen.BEGIN} block" for n in declared if n not in cells]
-    problems += [f"{stem}: solution cell {i} defines exercise function {n!r}, which "
-                 f"{contract.lab_module(stem)}.EXERCISES does not declare" for n, i in cells.items() if n not in declared]
-    if len(set(declared)) != len(declared):
-        problems.append(f"{stem}: two declared exercises share a name ({declared})")
-    return problems
+    return labgen.declaration_problems(solution, stem)
 
 
 def load_lab(path: str, solution: str | None = None) -> Lab:
