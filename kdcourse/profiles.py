@@ -132,6 +132,54 @@ def get_profile(name: str | None = None, **overrides) -> Profile:
 # Per-lab settings: one typed dataclass per lab, derived from a Profile
 # --------------------------------------------------------------------------
 
+#: Loss weights from RepDistiller's CIFAR-100 scripts (Tian et al. 2020,
+#: ``scripts/run_cifar_distill.sh``: FitNet -b 100, AT -b 1000, SP -b 3000,
+#: RKD -b 1 with 25 x distance + 50 x angle inside, CRD -b 0.8). They were
+#: tuned for 240 epochs of SGD on CIFAR-100; Lab 2 starts from them and
+#: picks, per method, one of ``weight_scales`` x published on the validation
+#: split (:func:`kdcourse.runs.select_on_validation`).
+REPDISTILLER_WEIGHTS = {"hint": 100.0, "at": 1000.0, "sp": 3000.0, "rkd_distance": 25.0, "rkd_angle": 50.0, "crd": 0.8}
+
+
+@dataclass(frozen=True)
+class Lab2Settings:
+    """Lab 2's knobs for one profile (:func:`lab2_settings`)."""
+
+    n_train: int | None  # the students' transfer set: the first n_train images of data.train (None: all of it)
+    epochs: int  # every student run of the lab
+    batch_size: int
+    weight_scales: tuple  # multiples of the published loss weight tried per method on the validation split (one seed)
+    sweep_seeds: int  # how many of profile.seeds a one-seed-per-point sweep uses
+    crd_k: int  # CRD negatives per anchor (the paper: 16384; each costs a (B, dim) gather per step)
+    det_train: int  # toy detector: training images
+    det_test: int  # toy detector: test images
+    det_epochs: int  # toy detector: student epochs
+    det_teacher_epochs: int  # toy detector: teacher epochs
+    weights: dict = field(default_factory=lambda: dict(REPDISTILLER_WEIGHTS))  # loss weights (published)
+
+    def as_dict(self) -> dict:
+        """The settings as a plain dict (the form the Lab 2 notebook reads)."""
+        return {f.name: (dict(v) if isinstance(v := getattr(self, f.name), dict) else v) for f in dataclasses.fields(self)}
+
+
+# laptop: 2,000 images in batches of 32 for 8 epochs = 504 Adam steps
+LAB2: dict[str, Lab2Settings] = {
+    "smoke": Lab2Settings(n_train=None, epochs=2, batch_size=64, weight_scales=(1.0, 0.01), sweep_seeds=1, crd_k=64,
+                          det_train=128, det_test=64, det_epochs=1, det_teacher_epochs=1),
+    "laptop": Lab2Settings(n_train=2000, epochs=8, batch_size=32, weight_scales=(1.0, 0.1, 0.01), sweep_seeds=1,
+                           crd_k=512, det_train=1500, det_test=500, det_epochs=10, det_teacher_epochs=10),
+    "full": Lab2Settings(n_train=None, epochs=30, batch_size=64, weight_scales=(1.0, 0.1, 0.01), sweep_seeds=1,
+                         crd_k=4096, det_train=8000, det_test=2000, det_epochs=20, det_teacher_epochs=20),
+}
+
+
+def lab2_settings(profile) -> Lab2Settings:
+    """Lab 2's settings for ``profile`` (keyed by its name; ``profile.extra["lab2"]`` overrides fields)."""
+    if profile.name not in LAB2:
+        raise ValueError(f"no Lab 2 settings for profile {profile.name!r}; known: {sorted(LAB2)}")
+    return dataclasses.replace(LAB2[profile.name], **profile.extra.get("lab2", {}))
+
+
 @dataclass(frozen=True)
 class Lab4Settings:
     """Lab 4's knobs for one profile (the notebook may override any)."""
@@ -145,6 +193,8 @@ class Lab4Settings:
     dml_T: float  # deep mutual learning (the paper: T = 1, equal weights)
     dml_alpha: float
     exits: tuple  # layers that get an auxiliary classifier
+    batch_size: int = 128  # every network of the lab
+    label_noise: float = 0.3  # share of training labels randomised in the lab's second column
 
 
 def lab4_settings(profile) -> Lab4Settings:

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from kdcourse import data, feature_kd
+from kdcourse.distill import features as distill_features
 from kdcourse.feature_kd import CRDDistill, FeatureDistill, Term, teacher_outputs
 from kdcourse.losses.feature import attention_transfer_loss, hint_loss
 from kdcourse.losses.relation import rkd_angle, rkd_distance, similarity_preserving
@@ -82,7 +83,7 @@ def test_teacher_outputs_can_pool_and_huge_caches_fall_back_to_live(ds, monkeypa
     teacher, student = models_()
     _, f = teacher_outputs(teacher, ds.train, ["layer1"], {"layer1": (8, 8)})
     assert f["layer1"].shape[-2:] == (8, 8)
-    monkeypatch.setattr(feature_kd, "CACHE_LIMIT_BYTES", 1.0)
+    monkeypatch.setattr(distill_features, "CACHE_LIMIT_BYTES", 1.0)
     obj = FeatureDistill(teacher, [Term("layer1", "layer1", hint_loss)])
     with pytest.warns(UserWarning, match="live"):
         obj.setup(student, ds.train)
