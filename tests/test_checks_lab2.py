@@ -351,3 +351,37 @@ def test_new_checks_pass_not_implemented_through():
     for check in (lab2.check_fitnets_parameters, lab2.check_sp_loss, lab2.check_info_nce):
         with pytest.raises(NotImplementedError):
             check(stub)
+
+
+def test_new_declarations_on_the_grader_path():
+    """The four new exercises as the grader sees them: deterministic probes, plain data, the reference
+    passes, an independently written answer passes, and every variant is named by its hint."""
+    from kdcourse.checks import contract
+
+    exercises = {e.name: e for e in contract.exercises_for(2)}
+    for name in ("FitNets", "fitnets_parameters", "sp_loss", "info_nce"):
+        ex = exercises[name]
+        seeds = ex.hidden_seeds
+        ref = {s: contract.run_probe(ex, ex.reference, s) for s in seeds}
+        assert ref == {s: contract.run_probe(ex, ex.reference, s) for s in seeds}, f"{name}: probe not deterministic"
+        for data in ref.values():
+            contract.validate(data)
+        assert contract.diagnose_data(ex, ref, ref).ok
+        for vname, (fn, hint) in ex.variants.items():
+            student = {s: contract.run_probe(ex, fn, s) for s in seeds}
+            v = contract.diagnose_data(ex, student, ref, lambda n, s: contract.run_probe(ex, ex.variants[n][0], s))
+            assert not v.ok and hint in v.hint, (name, vname, v)
+
+
+def test_fitnets_probe_accepts_an_answer_that_draws_random_numbers_differently():
+    from kdcourse.checks import contract
+    from kdcourse.distill.fitnets import FitNets as Ref
+
+    class Other(Ref):
+        def setup(self, model, train):
+            torch.randn(100)  # consumes the global RNG: its regressors start elsewhere
+            super().setup(model, train)
+
+    ex = contract.exercise(2, "FitNets")
+    for s in ex.hidden_seeds:
+        assert ex.differs(contract.run_probe(ex, Other, s), contract.run_probe(ex, ex.reference, s), s) is None

@@ -606,29 +606,48 @@ def run_fitnets(cls: Callable, seed: int, hints: dict, teacher_requires_grad: bo
                 teacher=teacher, t_state=t_state, calls=calls.calls, batch=batch, hints=dict(hints))
 
 
+_NO_REGRESSOR = ("the objective has no regressor: in setup, build one nn.Conv2d(C_s, C_t, kernel_size=1) per hinted "
+                 "layer and store it on the objective (e.g. self.regressors = nn.ModuleDict(...)), so it is a "
+                 "submodule the optimiser can find")
+_TEACHER_SIDE = ("the hint is regressed instead of the guided layer. FitNets maps the student: nn.Conv2d(C_s, C_t, 1) "
+                 "applied to the student's feature.")
+_ONE_BY_ONE = "FitNets here uses a 1x1 convolution (a linear map per position)"
+_TRAIN_MODE = ("the teacher ran in train mode: fit() calls objective.train() every epoch, which switches a teacher "
+               "stored on the objective to train mode too (its batch-norm then normalises with batch statistics and "
+               "its running statistics drift). Call self.teacher.eval() in forward.")
+_WITH_GRAD = ("the teacher's features are computed with gradients enabled: run the teacher under "
+              "`with torch.no_grad():` — it is frozen, and building its graph costs memory and time at every step")
+_DETACHED = "part of the loss is detached or computed outside autograd (.detach(), .item(), .data)"
+_DUPLICATE = ("a parameter is listed twice: the optimiser would update it twice per step (PyTorch warns about "
+              "duplicate parameters); list the student's and the regressors' once each")
+_TEACHER_LISTED = ("the teacher's parameters are in the list: objective.parameters() includes every submodule of the "
+                   "objective, the teacher too, and a loaded teacher's parameters may require gradients. List the "
+                   "student's and the regressors' parameters only.")
+_REGRESSORS_MISSING = ("the regressors' parameters are missing from the list: the optimiser would leave each 1x1 "
+                       "regressor at its random initialisation, so the student would chase a random projection of "
+                       "the teacher. Add objective.regressors.parameters().")
+_STUDENT_MISSING = "some of the student's trainable parameters are missing: list model.parameters()"
+
+
 def _match_regressors(r: dict, s_ch: dict, t_ch: dict) -> dict:
     """{layer: index into r['regs']} or raise a named mistake."""
     regs, hints = r["regs"], r["hints"]
     if not regs:
-        raise CheckFailed("the objective has no regressor: in setup, build one nn.Conv2d(C_s, C_t, kernel_size=1) per "
-                          "hinted layer and store it on the objective (e.g. self.regressors = nn.ModuleDict(...)), "
-                          "so it is a submodule the optimiser can find")
+        raise CheckFailed(_NO_REGRESSOR)
     used, out = set(), {}
     for n in hints:
         cs, ct = s_ch[n], t_ch[n]
         for i, m in enumerate(regs):
             if i not in used and m.in_channels == cs and m.out_channels == ct:
                 if tuple(m.kernel_size) != (1, 1):
-                    raise CheckFailed(f"the regressor for {n!r} has kernel size {tuple(m.kernel_size)}: FitNets here "
-                                      f"uses a 1x1 convolution (a linear map per position)")
+                    raise CheckFailed(f"the regressor for {n!r} has kernel size {tuple(m.kernel_size)}: {_ONE_BY_ONE}")
                 used.add(i)
                 out[n] = i
                 break
         else:
             if any(m.in_channels == ct and m.out_channels == cs for m in regs):
                 raise CheckFailed(f"the regressor for {n!r} maps the teacher's {ct} channels to the student's {cs}: "
-                                  f"the hint is regressed instead of the guided layer. FitNets maps the student: "
-                                  f"nn.Conv2d(C_s={cs}, C_t={ct}, 1) applied to the student's feature.")
+                                  f"{_TEACHER_SIDE} Here C_s = {cs}, C_t = {ct}.")
             raise CheckFailed(f"no regressor nn.Conv2d({cs}, {ct}, 1) for layer {n!r} (student {cs} channels, teacher "
                               f"{ct}); measure both channel counts in setup (one batch through extract_features) — "
                               f"found {[f'Conv2d({m.in_channels}, {m.out_channels})' for m in regs]}")
@@ -668,14 +687,9 @@ def check_fitnets(cls: Callable) -> bool:
             raise CheckFailed("the teacher never ran in forward: the hints need its features of this batch "
                               "(extract_features(self.teacher, batch.x, names))")
         if any(training for training, _ in r["calls"]):
-            raise CheckFailed("the teacher ran in train mode: fit() calls objective.train() every epoch, which "
-                              "switches a teacher stored on the objective to train mode too (its batch-norm then "
-                              "normalises with batch statistics and its running statistics drift). Call "
-                              "self.teacher.eval() in forward.")
+            raise CheckFailed(_TRAIN_MODE)
         if any(grad for _, grad in r["calls"]):
-            raise CheckFailed("the teacher's features are computed with gradients enabled: run the teacher under "
-                              "`with torch.no_grad():` — it is frozen, and building its graph costs memory and time "
-                              "at every step")
+            raise CheckFailed(_WITH_GRAD)
         if any(not torch.equal(v, r["teacher"].state_dict()[k]) for k, v in r["t_state"].items()):
             raise CheckFailed("the teacher's state changed during the step (batch-norm statistics or weights): keep "
                               "it in eval mode and never optimise it")
@@ -704,8 +718,7 @@ def check_fitnets(cls: Callable) -> bool:
                 continue
             if p.grad is None or not torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-7):
                 raise CheckFailed(f"the gradient of the student's {pname} differs from the reference's although the "
-                                  f"loss value matches ({where}): part of the loss is detached or computed outside "
-                                  f"autograd (.detach(), .item(), .data)")
+                                  f"loss value matches ({where}): {_DETACHED}")
         for n, i in which.items():
             p, q = r["regs"][i].weight, regs[n].weight
             if p.grad is None or float(p.grad.abs().max()) == 0:
@@ -765,22 +778,16 @@ def check_fitnets_parameters(fn: Callable) -> bool:
             raise CheckFailed(f"fitnets_parameters raised {type(exc).__name__}: {exc}") from exc
         ids = [id(p) for p in r["listed"]]
         if len(ids) != len(set(ids)):
-            raise CheckFailed("a parameter is listed twice: the optimiser would update it twice per step (PyTorch "
-                              "warns about duplicate parameters); list the student's and the regressors' once each")
+            raise CheckFailed(_DUPLICATE)
         teacher_ids = {id(p) for p in r["teacher"].parameters()}
         if teacher_ids & set(ids):
-            raise CheckFailed("the teacher's parameters are in the list: objective.parameters() includes every "
-                              "submodule of the objective, the teacher too, and a loaded teacher's parameters may "
-                              "require gradients. List the student's and the regressors' parameters only.")
+            raise CheckFailed(_TEACHER_LISTED)
         reg_ids = {id(p) for p in r["obj"].regressors.parameters()}
         if not reg_ids <= set(ids):
-            raise CheckFailed("the regressors' parameters are missing from the list: the optimiser would leave each "
-                              "1x1 regressor at its random initialisation, so the student would chase a random "
-                              "projection of the teacher. Add objective.regressors.parameters().")
+            raise CheckFailed(_REGRESSORS_MISSING)
         missing = [n for n, p in r["student"].named_parameters() if p.requires_grad and id(p) not in set(ids)]
         if missing:
-            raise CheckFailed(f"some of the student's trainable parameters are missing ({missing[:3]}...): list "
-                              f"model.parameters()")
+            raise CheckFailed(f"{_STUDENT_MISSING} (e.g. {missing[:3]})")
         unknown = set(ids) - reg_ids - {id(p) for p in r["student"].parameters()}
         if unknown:
             raise CheckFailed("the list holds parameters that belong neither to the student nor to the regressors")
@@ -850,26 +857,23 @@ def _fitnets_variants() -> tuple[dict, dict]:
             return F.mse_loss(F.interpolate(r, size=t.shape[-2:], mode="nearest"), t)
 
     objectives = {
-        "teacher_train_mode": (variant(eval_teacher=False), "the teacher ran in train mode"),
-        "teacher_with_grad": (variant(no_grad=False), "the teacher's features are computed with gradients enabled"),
-        "regressor_teacher_side": (_TeacherSide, "the regressor for 'layer2' maps the teacher's"),
-        "regressor_in_forward": (_InForward, "the objective has no regressor"),
-        "kernel_3x3": (_Kernel3, "the regressor for 'layer2' has kernel size (3, 3)"),
-        "no_ce": (variant(combine="no_ce"), "FitNets is not right yet (hints={'layer2': 3.0}): the loss lacks the cross-entropy"),
-        "unweighted": (variant(combine="unweighted"), "FitNets is not right yet (hints={'layer2': 3.0}): the hints are not multiplied"),
-        "max_pool": (_MaxPool, "FitNets is not right yet (hints={'layer2': 3.0}): the teacher map is max-pooled"),
-        "upsample": (_Upsample, "FitNets is not right yet (hints={'layer2': 3.0}): the student map is upsampled"),
-        "student_detached": (variant(detach_student=True), "the gradient of the student's"),
+        "teacher_train_mode": (variant(eval_teacher=False), _TRAIN_MODE),
+        "teacher_with_grad": (variant(no_grad=False), _WITH_GRAD),
+        "regressor_teacher_side": (_TeacherSide, _TEACHER_SIDE),
+        "regressor_in_forward": (_InForward, _NO_REGRESSOR),
+        "kernel_3x3": (_Kernel3, _ONE_BY_ONE),
+        **{k: (cls, FITNETS_VALUE_HINTS[k]) for k, cls in (("no_ce", variant(combine="no_ce")),
+                                                           ("unweighted", variant(combine="unweighted")),
+                                                           ("max_pool", _MaxPool), ("upsample", _Upsample))},
+        "student_detached": (variant(detach_student=True), _DETACHED),
     }
     params = {
-        "student_only": (lambda model, objective: list(model.parameters()), "the regressors' parameters are missing"),
+        "student_only": (lambda model, objective: list(model.parameters()), _REGRESSORS_MISSING),
         "with_teacher": (lambda model, objective: [p for p in list(model.parameters()) + list(objective.parameters())
-                                                   if p.requires_grad],
-                         "the teacher's parameters are in the list"),
+                                                   if p.requires_grad], _TEACHER_LISTED),
         "duplicates": (lambda model, objective: fitnets_parameters(model, objective) + list(objective.regressors.parameters()),
-                       "a parameter is listed twice"),
-        "regressors_only": (lambda model, objective: list(objective.regressors.parameters()),
-                            "some of the student's trainable parameters are missing"),
+                       _DUPLICATE),
+        "regressors_only": (lambda model, objective: list(objective.regressors.parameters()), _STUDENT_MISSING),
     }
     return objectives, params
 
@@ -1224,6 +1228,137 @@ def probe_rkd_distance(fn: Callable, seed: int) -> dict:
     return _pair_probe("rkd_distance", _RKD_CASES, seed, fn)
 
 
+# -- the FitNets objective, its parameter list, SP and in-batch InfoNCE --------
+
+_FITNETS_HINTS = ({"layer2": 3.0}, {"layer1": 0.5, "layer3": 2.0}, {"layer3": 10.0}, {"layer1": 1.0, "layer2": 1.0, "layer3": 1.0})
+
+
+def probe_fitnets(cls: Callable, seed: int) -> dict:
+    """``cls(teacher, hints)`` with 1 to 3 hinted layers (the teacher's maps
+    twice the student's size, channels differ): the regressors it built
+    (in, out, kernel), how the teacher ran (train mode? gradients enabled?)
+    and whether its state changed, and — with every regressor re-initialised
+    from the seed, so answers that draw random numbers differently compare
+    equal — the loss, the logits and the gradients of every student parameter
+    and every regressor."""
+    hints = _FITNETS_HINTS[seed % len(_FITNETS_HINTS)]
+    teacher, student, split, batch = fitnets_setting(seed)
+    for p in teacher.parameters():
+        p.requires_grad_(True)
+    t_state = copy.deepcopy(teacher.state_dict())
+    obj, raised = contract.attempt(cls, teacher, dict(hints))
+    if raised:
+        return {"stage": "init", **raised}
+    _, raised = contract.attempt(obj.setup, student, split)
+    if raised:
+        return {"stage": "setup", **raised}
+    names = list(hints)
+    s_ch, t_ch = _channels(student, names), _channels(teacher, names)
+    regs = _regressors_of(obj, teacher, student) if isinstance(obj, nn.Module) else []
+    data = {"regressors": sorted([m.in_channels, m.out_channels, list(m.kernel_size)] for m in regs)}
+    g = contract.generator(seed + 11)
+    matched, used = {}, set()
+    for n in names:
+        for i, m in enumerate(regs):
+            if i not in used and (m.in_channels, m.out_channels) == (s_ch[n], t_ch[n]):
+                used.add(i)
+                matched[n] = m
+                break
+    # every regressor from the seed, the matched ones in the order of the hints first
+    order = [matched[n] for n in names if n in matched] + [r for r in regs if all(r is not v for v in matched.values())]
+    with torch.no_grad():
+        for m in order:
+            m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.3)
+            if m.bias is not None:
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+    obj.train()
+    student.train()
+    with _TeacherCalls(type(teacher)) as calls:
+        out, raised = contract.attempt(obj, student, batch, TrainState())
+    data["teacher_train_mode"] = any(t for t, _ in calls.calls)
+    data["teacher_grad_enabled"] = any(gr for _, gr in calls.calls)
+    data["teacher_ran"] = bool(calls.calls)
+    data["teacher_state_changed"] = any(not torch.equal(v, teacher.state_dict()[k]) for k, v in t_state.items())
+    if raised:
+        return {**data, "stage": "forward", **raised}
+    loss, logits = getattr(out, "loss", None), getattr(out, "logits", None)
+    if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+        return {**data, "stage": "forward", "raised": "not a StepOutput with a scalar loss"}
+    data["loss"] = contract.scalar(loss, "FitNets loss")
+    data["logits"] = contract.plain(logits) if isinstance(logits, torch.Tensor) else None
+    params = [p for _, p in student.named_parameters()] + [p for n in names if n in matched for p in (matched[n].weight,)]
+    keys = [f"student.{k}" for k, _ in student.named_parameters()] + [f"regressor.{n}" for n in names if n in matched]
+    gs = contract.grad(loss, params, seed)
+    data["grads"] = gs if isinstance(gs, str) else dict(zip(keys, gs))
+    return data
+
+
+def probe_fitnets_parameters(fn: Callable, seed: int) -> dict:
+    """``fn(model, objective)`` on the reference objective (two hinted layers;
+    a loaded teacher's parameters still require gradients; on odd seeds the
+    student's stem is frozen): which parameters the list holds."""
+    try:
+        r = run_fitnets_parameters(fn, seed, freeze_stem=bool(seed % 2))
+    except CheckFailed as exc:  # not a list of tensors
+        return {"raised": "CheckFailed", "message": str(exc)[:200]}
+    except NotImplementedError:
+        raise
+    except Exception as exc:
+        if contract.is_refusal(exc):
+            raise
+        return {"raised": type(exc).__name__}
+    ids = [id(p) for p in r["listed"]]
+    student = {id(p): n for n, p in r["student"].named_parameters()}
+    regs = {id(p): n for n, p in r["obj"].regressors.named_parameters()}
+    teacher = {id(p) for p in r["teacher"].parameters()}
+    return {"duplicates": len(ids) - len(set(ids)),
+            "teacher": sum(i in teacher for i in set(ids)),
+            "student": sorted(student[i] for i in set(ids) if i in student
+                              if r["student"].get_parameter(student[i]).requires_grad),
+            "regressors": sorted(regs[i] for i in set(ids) if i in regs),
+            "other": sum(i not in student and i not in regs and i not in teacher for i in set(ids))}
+
+
+_SP_CASES = [
+    (_r(6, 4, 4, 4, relu=True), _r(6, 16, 2, 2, relu=True)),           # maps of different shapes
+    (_r(5, 7), _r(5, 20, scale=5)),                                     # embeddings
+    (_r(4, 3, 2, 2, scale=0.1), _r(4, 9, offset=2.0)),                  # a map and a vector
+    (_r(2, 5), _r(2, 5)),                                               # B = 2
+    (_r(8, 6, 3, 3), _r(8, 12, 3, 3, scale=3)),
+]
+
+
+def probe_sp_loss(fn: Callable, seed: int) -> dict:
+    """Feature maps (B, C, H, W), embeddings (B, D) and one of each, B from 2
+    to 8: the loss and its gradients w.r.t. both inputs."""
+    return _pair_probe("sp_loss", _SP_CASES, seed, fn)
+
+
+def probe_info_nce(fn: Callable, seed: int) -> dict:
+    """(B, D) student and teacher embeddings (B from 2 to 16, scales and
+    temperatures 0.05-0.5, positives near their anchors on odd seeds): the
+    loss and its gradients w.r.t. both inputs."""
+    g = contract.generator(seed)
+    b = 2 + int(torch.randint(0, 15, (1,), generator=g))
+    d = 2 + int(torch.randint(0, 15, (1,), generator=g))
+    tau = [0.1, 0.07, 0.5, 0.2, 0.05][seed % 5]
+    s = torch.randn(b, d, generator=g, dtype=torch.float64) * (0.2 + 3 * torch.rand(1, generator=g, dtype=torch.float64))
+    t = s.detach() + 0.3 * torch.randn(b, d, generator=g, dtype=torch.float64) if seed % 2 else \
+        torch.randn(b, d, generator=g, dtype=torch.float64)
+    s, t = s.requires_grad_(True), t.requires_grad_(True)
+    out, raised = contract.attempt(fn, s, t, tau)
+    if raised:
+        return raised
+    return _loss_data("info_nce", out, {"student": s, "teacher": t}, seed)
+
+
+
+def _fitnets_reference(name: str = "FitNets"):
+    from ..distill import fitnets
+
+    return getattr(fitnets, name)
+
+
 EXERCISES = [
     contract.Exercise(name="extract_features", points=1.0, check=check_feature_extractor, probe=probe_extract_features,
                       reference=fx.extract, variants=EXTRACT_VARIANTS, hidden_seeds=(0, 1, 2, 3), rtol=1e-6,
@@ -1236,5 +1371,17 @@ EXERCISES = [
                       rtol=1e-6, atol=1e-9),
     contract.Exercise(name="rkd_distance", points=1.0, check=check_rkd_distance, probe=probe_rkd_distance,
                       reference=relation.rkd_distance, variants=RKD_VARIANTS, hidden_seeds=tuple(range(5)),
+                      rtol=1e-6, atol=1e-9),
+    contract.Exercise(name="FitNets", points=2.0, check=check_fitnets, probe=probe_fitnets,
+                      reference=_fitnets_reference(), variants=FITNETS_VARIANTS, hidden_seeds=(0, 1, 2, 3),
+                      rtol=1e-5, atol=1e-7),
+    contract.Exercise(name="fitnets_parameters", points=1.0, check=check_fitnets_parameters,
+                      probe=probe_fitnets_parameters, reference=_fitnets_reference("fitnets_parameters"),
+                      variants=FITNETS_PARAMETER_VARIANTS, hidden_seeds=(0, 1)),
+    contract.Exercise(name="sp_loss", points=1.0, check=check_sp_loss, probe=probe_sp_loss,
+                      reference=relation.similarity_preserving, variants=SP_VARIANTS, hidden_seeds=tuple(range(5)),
+                      rtol=1e-6, atol=1e-9),
+    contract.Exercise(name="info_nce", points=1.0, check=check_info_nce, probe=probe_info_nce,
+                      reference=_reference_info_nce, variants=INFO_NCE_VARIANTS, hidden_seeds=tuple(range(5)),
                       rtol=1e-6, atol=1e-9),
 ]
