@@ -174,8 +174,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = ("Grade a folder of student notebooks for one lab: each kernel in a bubblewrap sandbox, "
                           "the score decided by the grader; writes CSV, Markdown, a Moodle import CSV and one "
                           "feedback file per student.")
-    parser.add_argument("lab", help="the lab (labs/NN_x.ipynb; its solution is found in solutions/) or the solution")
-    parser.add_argument("submissions", help="folder of student notebooks (name.ipynb, or name/anything.ipynb)")
+    parser.add_argument("lab", nargs="?", help="the lab (labs/NN_x.ipynb; its solution is found in solutions/) or the solution")
+    parser.add_argument("submissions", nargs="?", help="folder of student notebooks (name.ipynb, or name/anything.ipynb)")
+    parser.add_argument("--release", action="store_true",
+                        help="release check instead: every solution must score full marks and every untouched lab "
+                             "zero (kdcourse.grading.release); exit 1 otherwise")
     parser.add_argument("--out", default="grades", help="folder for the tables and feedback/ (default: grades)")
     parser.add_argument("--solution", default=None, help="the solution notebook, when it is not solutions/<lab name>")
     parser.add_argument("--profile", default=R.DEFAULT_PROFILE, help="run profile for the submissions (default: smoke)")
@@ -231,6 +234,13 @@ def _check_args(args) -> str:
 
 def main(args, grade_one=None, load_lab=None) -> int:
     """The ``grade`` subcommand (``grade_one``/``load_lab``: replacements, for tests)."""
+    if getattr(args, "release", False):
+        from .release import main as release
+
+        return release(args)
+    if not args.lab or not args.submissions:
+        print("error: give the lab and the submissions folder (or --release)")
+        return 2
     problem = _check_args(args)
     if problem:
         print(f"error: {problem}")

@@ -260,9 +260,15 @@ def _seeds(ex: contract.Exercise, options: R.Options) -> list[int]:
 
 def _error_notes(cell_errors: dict) -> list[str]:
     by_kind: dict = {}
-    for i, (ename, _evalue) in cell_errors.items():
-        by_kind.setdefault(ename, []).append(i)
-    return [f"cell{'s' if len(idx) > 1 else ''} {', '.join(map(str, idx))} raised {kind}" for kind, idx in by_kind.items()]
+    for i, (ename, evalue) in cell_errors.items():
+        kind = "refused" if contract.REFUSAL_MARK in evalue else ename
+        by_kind.setdefault(kind, []).append(i)
+    notes = []
+    for kind, idx in by_kind.items():
+        cells = f"cell{'s' if len(idx) > 1 else ''} {', '.join(map(str, idx))}"
+        notes.append(f"{cells} called a reference answer of the package, which does not run while grading"
+                     if kind == "refused" else f"{cells} raised {kind}")
+    return notes
 
 
 def _missing_hint(name: str, where: dict, cell_errors: dict, stopped: str) -> str:
