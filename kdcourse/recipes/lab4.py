@@ -582,3 +582,22 @@ def run_mutual_in_turn(build, data: ImageData, *, seeds: Sequence[int], peers: i
         all_runs.append(runs.Run(f"DML in turn x{peers}", seed, accs[0], evaluate(nets[0], data.val)["acc"],
                                  models.count_params(nets[0]), seconds, History(), nets))
     return MutualResult(peers, float(T), float(alpha), all_runs, peer_acc, ens_acc, models.count_params(all_runs[0].model[0]))
+
+
+def side_by_side(rows_by_column: dict) -> list[dict]:
+    """One table from several columns' :func:`~kdcourse.runs.compare_row` lists
+    (e.g. clean and noisy labels): a row per method, each column's accuracy,
+    difference to its scratch row and reading; "not run" where a column lacks
+    the method."""
+    methods = list(dict.fromkeys(r["method"] for rows in rows_by_column.values() for r in rows))
+    table = []
+    for method in methods:
+        row = {"method": method, "at inference": ""}
+        for column, rows in rows_by_column.items():
+            r = next((r for r in rows if r["method"] == method), None)
+            row["at inference"] = row["at inference"] or (r["at inference"] if r else "")
+            row[f"{column}: test acc (%)"] = r["test acc (%)"] if r else "not run"
+            row[f"{column}: Δ (points)"] = r["Δ vs scratch (points)"] if r else ""
+            row[f"{column}: reading"] = r["reading"] if r else ""
+        table.append(row)
+    return table
