@@ -10,20 +10,15 @@ are ``nn.Module`` s, so one that owns parameters (a hint regressor, a memory
 bank) has them optimised together with the model. Before the first epoch
 ``fit`` calls ``objective.setup(model, train)`` (e.g. to cache teacher logits).
 
-Distillation is :class:`Distill`: it wraps any loss with the signature
-``loss(student_logits, teacher_logits, labels, T=..., alpha=...)``. The teacher
-is frozen and kept in eval mode (asserted every step). When the training
-split has no random augmentation the teacher's logits are computed once and
-looked up by sample index (aligned under shuffling); otherwise the teacher
-runs live on each augmented batch.
+The loop knows no concrete loss or objective: distillation objectives live
+in :mod:`kdcourse.distill` (``Distill`` in :mod:`kdcourse.distill.response`),
+and each declares whether ``fit`` may train in channels-last layout
+(``channels_last_ok``).
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import time
-import weakref
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -98,114 +93,6 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-class Distill(Objective):
-    """Distil a frozen ``teacher`` into the model being fitted.
-
-    Args:
-        teacher: a trained model (or any callable ``x -> logits``); it is
-            frozen and put in eval mode here.
-        loss: ``loss(student_logits, teacher_logits, labels, T=, alpha=)``;
-            default :func:`kdcourse.losses.kd_loss`. Pass your own to train
-            with it.
-        T, alpha: numbers, or schedules ``f(progress) -> number`` with
-            progress going from 0 to 1 over training.
-        cache: ``"auto"`` (cache teacher logits when the split is not
-            augmented), ``True`` (require it) or ``False`` (always live).
-        frozen: keep ``True``. ``False`` exists only to demonstrate the
-            pitfall of an unfrozen teacher: the teacher is then in train mode
-            (its batch-norm statistics drift) and its parameters are optimised
-            with the student's whenever the loss lets gradients reach
-            ``teacher_logits`` (the reference ``kd_loss`` detaches them; a
-            typical hand-written loss does not).
-    """
-
-    def __init__(self, teacher, loss: Callable | None = None, T=4.0, alpha=0.9, cache="auto", frozen: bool = True):
-        super().__init__()
-        if loss is None:
-            from .losses import kd_loss as loss
-        if cache not in ("auto", True, False):
-            raise ValueError(f"cache must be 'auto', True or False, got {cache!r}")
-        self.loss_fn = loss
-        self.T, self.alpha, self.cache, self.frozen = T, alpha, cache, frozen
-        if frozen:
-            # Not registered as a submodule: fit() must neither optimise it
-            # nor switch it to train mode.
-            object.__setattr__(self, "teacher", freeze(teacher) if isinstance(teacher, nn.Module) else teacher)
-        else:
-            self.teacher = teacher  # registered: its parameters get optimised
-            for p in teacher.parameters():
-                p.requires_grad_(True)
-        self._cached: torch.Tensor | None = None
-
-    def setup(self, model: nn.Module, train: Split) -> None:
-        self._cached = None
-        use_cache = self.frozen and (self.cache is True or (self.cache == "auto" and not train.augment))
-        if self.cache is True and (train.augment or not self.frozen):
-            raise ValueError("cache=True needs a frozen teacher and a split without augmentation (augment=False)")
-        if use_cache:
-            self._cached = memo_logits(self.teacher, train)
-
-    def teacher_logits(self, batch: Batch) -> torch.Tensor:
-        if self._cached is not None:
-            return self._cached[batch.index].to(batch.x.device)
-        if not self.frozen:
-            return self.teacher(batch.x)
-        if isinstance(self.teacher, nn.Module) and self.teacher.training:
-            raise RuntimeError("the teacher is in train mode; distillation needs teacher.eval() (use kdcourse.train.freeze)")
-        with torch.no_grad():
-            return self.teacher(batch.x)
-
-    def forward(self, model: nn.Module, batch: Batch, state: TrainState) -> StepOutput:
-        t_logits = self.teacher_logits(batch)
-        s_logits = model(batch.x)
-        T, alpha = scheduled(self.T, state), scheduled(self.alpha, state)
-        loss = self.loss_fn(s_logits, t_logits, batch.labels, T=T, alpha=alpha)
-        return StepOutput(loss, s_logits, {"kd": loss.item(), "T": T, "alpha": alpha})
-
-
-# The teacher's logits on a split, shared by every Distill run that uses the
-# same teacher on the same data (a lab trains dozens of students from one
-# teacher). Keyed by the live module (checked through a weak reference), a
-# digest of its weights and a digest of the split's tensors, so a retrained
-# teacher or a different split can never be served stale logits.
-_LOGIT_MEMO: "OrderedDict[tuple, tuple[weakref.ref, torch.Tensor]]" = OrderedDict()
-LOGIT_MEMO_SIZE = 4
-
-
-def _digest(tensors) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    for t in tensors:
-        t = t.detach().cpu().contiguous()
-        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.view(-1).view(torch.uint8).numpy().data if t.numel() else b"")
-    return h.hexdigest()
-
-
-def memo_logits(teacher, split: Split) -> torch.Tensor:
-    """``predict_logits(teacher, split)``, computed once per (teacher
-    module and its weights, split tensors — images or token ids, labels)
-    and reused (at most ``LOGIT_MEMO_SIZE`` entries;
-    ``clear_logit_memo()`` empties it). Callables that are not modules are
-    not memoised."""
-    inputs = [v for _, v in sorted(vars(split).items()) if isinstance(v, torch.Tensor)] if hasattr(split, "__dict__") else []
-    if not isinstance(teacher, nn.Module) or not inputs:
-        return predict_logits(teacher, split)
-    # the same live module (its plain attributes, e.g. an ensemble's averaging mode, shape its
-    # outputs too), with the same weights, on the same tensors
-    key = (id(teacher), type(split).__qualname__, _digest(teacher.state_dict().values()), _digest(inputs))
-    hit = _LOGIT_MEMO.get(key)
-    if hit is not None and hit[0]() is teacher:
-        _LOGIT_MEMO.move_to_end(key)
-        return hit[1]
-    logits = predict_logits(teacher, split)
-    _LOGIT_MEMO[key] = (weakref.ref(teacher), logits)
-    while len(_LOGIT_MEMO) > LOGIT_MEMO_SIZE:
-        _LOGIT_MEMO.popitem(last=False)
-    return logits
-
-
-def clear_logit_memo() -> None:
-    _LOGIT_MEMO.clear()
 
 
 # --------------------------------------------------------------------------
@@ -277,6 +164,7 @@ def fit(
     progress: bool = True,
     desc: str = "train",
     extra_params: Iterable[torch.nn.Parameter] = (),
+    params: Callable[[nn.Module, Objective], Iterable] | None = None,
 ) -> History:
     """Train ``model`` on ``train`` with ``objective`` (default: cross-entropy).
 
@@ -284,6 +172,12 @@ def fit(
     objective's trainable parameters, learning rate decayed by a cosine
     (``lr_schedule="cosine"``) or kept constant (``"constant"``).
     Shuffling uses a generator seeded by ``seed``.
+
+    ``params(model, objective)``, when given, is called after
+    ``objective.setup`` and lists *exactly* what the optimiser trains
+    (tensors, or parameter groups ``{"params": [...], ...}``) instead of
+    every trainable parameter of the model and the objective — Lab 2's
+    FitNets exercise hands its own list (regressors included) this way.
 
     Raises ``FloatingPointError`` as soon as the loss is NaN or infinite,
     naming the epoch and step, instead of training on silently.
@@ -304,15 +198,25 @@ def fit(
     if cl:
         model.to(memory_format=torch.channels_last)
 
-    params, seen = [], set()
-    for p in list(model.parameters()) + list(objective.parameters()) + list(extra_params):
-        if p.requires_grad and id(p) not in seen:
-            params.append(p)
-            seen.add(id(p))
-    if not params:
-        raise ValueError("nothing to train: the model and objective have no parameters with requires_grad=True")
+    if params is not None:
+        groups = list(params(model, objective))
+        if not groups:
+            raise ValueError("params(model, objective) returned an empty list: nothing to train")
+        trained = groups + ([{"params": list(extra_params)}] if extra_params else [])
+        if isinstance(groups[0], dict):
+            trained = [g if isinstance(g, dict) else {"params": [g]} for g in trained]
+        else:
+            trained = [p for g in trained for p in (g["params"] if isinstance(g, dict) else [g])]
+    else:
+        trained, seen = [], set()
+        for p in list(model.parameters()) + list(objective.parameters()) + list(extra_params):
+            if p.requires_grad and id(p) not in seen:
+                trained.append(p)
+                seen.add(id(p))
+        if not trained:
+            raise ValueError("nothing to train: the model and objective have no parameters with requires_grad=True")
     opt_cls = torch.optim.AdamW if weight_decay else torch.optim.Adam
-    opt = opt_cls(params, lr=lr, weight_decay=weight_decay)
+    opt = opt_cls(trained, lr=lr, weight_decay=weight_decay)
     steps_per_epoch = train.num_batches(batch_size)
     total = epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -376,8 +280,6 @@ def _use_channels_last(objective: Objective, train: Split, dev: torch.device) ->
     images = getattr(train, "images", None)
     if dev.type != "cpu" or not isinstance(images, torch.Tensor) or images.dim() != 4:
         return False
-    if type(objective) is Distill:
-        return objective._cached is not None
     # only classes that declare it themselves (a subclass that reads features must not inherit it);
     # a property decides per instance (e.g. only with a cached teacher)
     flag = type(objective).__dict__.get("channels_last_ok", False)
@@ -390,3 +292,17 @@ def _progress_bar(it, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(it, desc=desc, unit="epoch", leave=False)
+
+
+def __getattr__(name: str):
+    """Old import paths (``from kdcourse.train import Distill, memo_logits``),
+    resolved on first use so that this module imports no objective."""
+    if name == "Distill":
+        from .distill.response import Distill
+
+        return Distill
+    if name in ("memo_logits", "clear_logit_memo", "LOGIT_MEMO_SIZE"):
+        from . import teacher_cache
+
+        return getattr(teacher_cache, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
