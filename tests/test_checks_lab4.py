@@ -203,3 +203,234 @@ def test_born_again_check_passes_not_implemented_and_reports_crashes():
         lab4.check_born_again(lambda new_model, train, temperatures, alpha: 1 / 0)
     with pytest.raises(CheckFailed, match="list of the trained networks"):
         lab4.check_born_again(lambda new_model, train, temperatures, alpha: None)
+
+
+# ---- the exercises on the contract: deep supervision, T per generation, DML in turn ------------
+
+import math  # noqa: E402
+
+import torch.nn as nn  # noqa: E402
+
+from kdcourse import runs  # noqa: E402
+from kdcourse.checks import contract  # noqa: E402
+from kdcourse.distill.self import ExitDistillation  # noqa: E402
+from kdcourse.models.heads import DeepSupervision  # noqa: E402
+from kdcourse.recipes import lab4 as recipe  # noqa: E402
+
+
+def test_lab4_declares_its_five_exercises_in_notebook_order():
+    names = [e.name for e in contract.exercises_for(4)]
+    assert names == ["born_again", "born_again_tuned", "deep_supervision_loss", "mutual_loss", "mutual_step_in_turn"]
+    for e in contract.exercises_for(4):
+        for seed in e.hidden_seeds:  # probes are deterministic given the seed
+            assert contract.compare(contract.run_probe(e, e.reference, seed), contract.run_probe(e, e.reference, seed)) is None \
+                or e.name == "born_again"
+
+
+def _ds_by_hand(exit_logits, labels, T=3.0, alpha=0.5):
+    # an independent correct version: log-probabilities by hand, the exits collected first
+    def log_softmax(z):
+        return z - torch.logsumexp(z, dim=1, keepdim=True)
+    final = exit_logits["final"]
+    q = torch.exp(log_softmax(final / T)).detach()
+    exits = [z for k, z in exit_logits.items() if k != "final"]
+    total = -log_softmax(final).gather(1, labels[:, None]).mean()
+    for z in exits:
+        ce = -log_softmax(z).gather(1, labels[:, None]).mean()
+        kl = (q * (torch.log(q) - log_softmax(z / T))).sum(1).mean()
+        total = total + (1 - alpha) * ce + alpha * T ** 2 * kl
+    return total
+
+
+def test_deep_supervision_check_accepts_reference_and_an_independent_version(capsys):
+    assert lab4.check_deep_supervision_loss(recipe.deep_supervision_loss)
+    assert lab4.check_deep_supervision_loss(_ds_by_hand)
+    assert capsys.readouterr().out.count("✓") == 2
+
+
+@pytest.mark.parametrize("name", sorted(lab4.DS_LOSS_VARIANTS))
+def test_deep_supervision_check_rejects_each_variant_with_its_hint(name):
+    fn, hint = lab4.DS_LOSS_VARIANTS[name]
+    with pytest.raises(CheckFailed) as err:
+        lab4.check_deep_supervision_loss(fn)
+    assert hint in str(err.value)
+
+
+def test_deep_supervision_value_variants_that_only_change_gradients_are_told_apart():
+    # the detach variants have the reference's value: only the gradient comparison names them
+    logits, labels, T, alpha = lab4._ds_case(1)
+    for name in ("final_not_detached", "exit_detached"):
+        a = lab4.DS_LOSS_VARIANTS[name][0](logits, labels, T=T, alpha=alpha)
+        assert torch.allclose(a, recipe.deep_supervision_loss(logits, labels, T=T, alpha=alpha))
+
+
+def test_deep_supervision_check_names_an_in_place_change():
+    def pops(exit_logits, labels, T=3.0, alpha=0.5):
+        final = exit_logits.pop("final")
+        return recipe.deep_supervision_loss({**exit_logits, "final": final}, labels, T=T, alpha=alpha)
+
+    def divides_in_place(exit_logits, labels, T=3.0, alpha=0.5):
+        out = recipe.deep_supervision_loss(exit_logits, labels, T=T, alpha=alpha)
+        with torch.no_grad():
+            exit_logits["final"].div_(T)
+        return out
+
+    for fn in (pops, divides_in_place):
+        with pytest.raises(CheckFailed, match="in place"):
+            lab4.check_deep_supervision_loss(fn)
+
+
+def test_deep_supervision_check_reports_a_crash_and_passes_not_implemented():
+    with pytest.raises(CheckFailed, match="raised KeyError"):
+        lab4.check_deep_supervision_loss(lambda exit_logits, labels, T=3.0, alpha=0.5: exit_logits["head"])
+
+    def stub(exit_logits, labels, T=3.0, alpha=0.5):
+        raise NotImplementedError()
+
+    with pytest.raises(NotImplementedError):
+        lab4.check_deep_supervision_loss(stub)
+
+
+def test_reference_deep_supervision_loss_equals_the_package_objective():
+    torch.manual_seed(0)
+    model = DeepSupervision(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
+                                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5)), exits=("1", "2"),
+                            example_input=(1, 3, 8, 8))
+    x, y = torch.randn(6, 3, 8, 8), torch.randint(0, 5, (6,))
+    batch = type("B", (), {"x": x, "labels": y})()
+    from kdcourse.train import TrainState
+    ref = ExitDistillation(T=2.0, alpha=0.3)(model, batch, TrainState()).loss
+    mine = recipe.ExitLoss(T=2.0, alpha=0.3)(model, batch, TrainState()).loss
+    assert torch.allclose(ref, mine, rtol=1e-6)
+
+
+def _tuned_sorted(new_model, train, val_acc, candidates, generations=3, alpha=0.5):
+    # correct, written another way: candidates visited in sorted order, all networks made first
+    gens, chosen = [new_model()], []
+    train(gens[0], Objective())
+    for _ in range(generations - 1):
+        temps = sorted(candidates)
+        nets = [new_model() for _ in temps]
+        for T, net in zip(temps, nets):
+            train(net, Distill(gens[-1], T=T, alpha=alpha))
+        scores = [val_acc(n) for n in nets]
+        i = max(range(len(nets)), key=scores.__getitem__)
+        gens.append(nets[i])
+        chosen.append(temps[i])
+    return tuple(gens), tuple(chosen)
+
+
+def test_born_again_tuned_check_accepts_reference_and_an_independent_version(capsys):
+    assert lab4.check_born_again_tuned(recipe.born_again_tuned)
+    assert lab4.check_born_again_tuned(_tuned_sorted)
+    assert capsys.readouterr().out.count("✓") == 2
+
+
+@pytest.mark.parametrize("name", sorted(lab4.TUNED_VARIANTS))
+def test_born_again_tuned_check_rejects_each_variant_with_its_hint(name):
+    fn, hint = lab4.TUNED_VARIANTS[name]
+    with pytest.raises(CheckFailed) as err:
+        lab4.check_born_again_tuned(fn)
+    assert hint in str(err.value)
+
+
+def test_born_again_tuned_check_reports_a_wrong_return():
+    with pytest.raises(CheckFailed, match="not a pair"):
+        lab4.check_born_again_tuned(lambda new_model, train, val_acc, candidates, generations=3, alpha=0.5:
+                                    recipe.born_again_tuned(new_model, train, val_acc, candidates, generations, alpha)[0])
+
+
+def _turn_other_way(peers, optimizers, x, labels, loss_fn, T=1.0, alpha=0.5):
+    # correct, written another way: every peer's targets under no_grad first, the learner recomputed
+    for k, opt in enumerate(optimizers):
+        with torch.no_grad():
+            logits = [p(x) for p in peers]
+        logits[k] = peers[k](x)
+        opt.zero_grad(set_to_none=False)
+        loss_fn(logits, labels, T=T, alpha=alpha).backward()
+        opt.step()
+
+
+def test_mutual_step_check_accepts_reference_and_an_independent_version(capsys):
+    assert lab4.check_mutual_step_in_turn(recipe.mutual_step_in_turn)
+    assert lab4.check_mutual_step_in_turn(_turn_other_way)
+    assert capsys.readouterr().out.count("✓") == 2
+
+
+@pytest.mark.parametrize("name", sorted(lab4.TURN_VARIANTS))
+def test_mutual_step_check_rejects_each_variant_with_its_hint(name):
+    fn, hint = lab4.TURN_VARIANTS[name]
+    with pytest.raises(CheckFailed) as err:
+        lab4.check_mutual_step_in_turn(fn)
+    assert hint in str(err.value)
+
+
+def test_mutual_step_in_turn_matches_a_hand_derivation():
+    # two linear peers, plain SGD: peer 1 steps on its own loss, then peer 2 against the *updated* peer 1
+    torch.manual_seed(3)
+    a, b = nn.Linear(3, 4).double(), nn.Linear(3, 4).double()
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 4, (5,))
+    lr, T, alpha = 0.7, 2.0, 0.4
+
+    def own_loss(z, other):
+        q = F.softmax(other / T, 1)
+        kl = (q * (q.log() - F.log_softmax(z / T, 1))).sum(1).mean()
+        return (1 - alpha) * F.cross_entropy(z, y) + alpha * T * T * kl
+
+    wa = [p.detach().clone() for p in a.parameters()]
+    wb = [p.detach().clone() for p in b.parameters()]
+    fa = lambda w: x @ w[0].T + w[1]  # noqa: E731
+    wa_req = [w.clone().requires_grad_(True) for w in wa]
+    ga = torch.autograd.grad(own_loss(fa(wa_req), fa(wb)), wa_req)
+    wa_new = [w - lr * g for w, g in zip(wa, ga)]
+    wb_req = [w.clone().requires_grad_(True) for w in wb]
+    gb = torch.autograd.grad(own_loss(fa(wb_req), fa(wa_new)), wb_req)
+    wb_new = [w - lr * g for w, g in zip(wb, gb)]
+
+    opts = [torch.optim.SGD(a.parameters(), lr=lr), torch.optim.SGD(b.parameters(), lr=lr)]
+    recipe.mutual_step_in_turn([a, b], opts, x, y, mutual_learning_loss, T=T, alpha=alpha)
+    for p, w in zip(list(a.parameters()) + list(b.parameters()), wa_new + wb_new):
+        assert torch.allclose(p.detach(), w, atol=1e-12)
+
+
+# ---- minimal detectable difference ------------------------------------------------------------
+
+def _t_cdf(t, dof, steps=20000):
+    # Student's t CDF by Simpson's rule on the density (an independent oracle for the table)
+    c = math.exp(math.lgamma((dof + 1) / 2) - math.lgamma(dof / 2)) / math.sqrt(dof * math.pi)
+    pdf = lambda u: c * (1 + u * u / dof) ** (-(dof + 1) / 2)  # noqa: E731
+    h = t / steps
+    s = pdf(0) + pdf(t) + sum((4 if i % 2 else 2) * pdf(i * h) for i in range(1, steps))
+    return 0.5 + s * h / 3
+
+
+@pytest.mark.parametrize("dof", sorted(recipe.T_975))
+def test_t_table_is_the_975_quantile(dof):
+    assert abs(_t_cdf(recipe.t_critical(dof), dof) - 0.975) < 2e-4
+
+
+def test_mdd_is_where_welch_t_reaches_the_threshold():
+    s, n = 0.012, 3
+    for t in (2.0, None):
+        mdd = recipe.minimal_detectable_difference(s, n, t=t)
+        a = runs.Summary("a", 0.8 + mdd, s, n, ())
+        b = runs.Summary("b", 0.8, s, n, ())
+        assert runs.welch_t(a, b)[0] == pytest.approx(2.0 if t else recipe.t_critical(2 * n - 2), rel=1e-9)
+    assert "1.96 points at the lab's rule" in recipe.mdd_line(0.012, 3) and "(t = 2.776, 4 d.o.f.)" in recipe.mdd_line(0.012, 3)
+
+
+def test_mdd_rejects_bad_input():
+    with pytest.raises(ValueError, match="n must be"):
+        recipe.minimal_detectable_difference(0.01, 1)
+    with pytest.raises(ValueError, match="spread"):
+        recipe.minimal_detectable_difference(-0.01, 3)
+    with pytest.raises(ValueError, match="dof"):
+        recipe.t_critical(0)
+
+
+def test_side_by_side_marks_what_a_column_did_not_run():
+    s = runs.summary_of("x", [0.5, 0.52])
+    t = recipe.side_by_side({"clean": [runs.compare_row(s, s, "scratch"), runs.compare_row(s, s, "only clean")],
+                             "noisy": [runs.compare_row(s, s, "scratch")]})
+    assert [r["method"] for r in t] == ["scratch", "only clean"]
+    assert t[1]["noisy: test acc (%)"] == "not run" and t[0]["noisy: reading"] == "baseline"
