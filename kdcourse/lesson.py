@@ -35,7 +35,7 @@ API
         to the question). Until then, and in headless runs (papermill, CI,
         scripts), the record is ``NO_PREDICTION``. Never graded. Re-running
         the cell keeps an earlier answer.
-    ``reading(effect, values, spread=None, *, key=None, labels=None, scale=100, unit="points") -> Reading``
+    ``reading(effect, values, spread=None, *, key=None, labels=None, scale=100, unit="points", noise="seed std")``
         One line (a ``str``) comparing an effect with the measured noise.
         ``values`` is either a mapping setting -> result (a sweep; needs
         ``spread``) or a pair ``(a, b)`` of results (a − b). A result is a
@@ -45,7 +45,9 @@ API
         the seed-to-seed standard deviation of one run. ``key`` quotes the
         student's prediction at the end; ``labels`` names the two sides of a
         pair (default: their ``name``). Accuracies in [0, 1] print as points
-        (``scale=100``); pass ``scale=1, unit="ms"`` for other measures.
+        (``scale=100``); pass ``scale=1, unit="ms"`` for other measures, and
+        ``noise=`` to name a spread that is not a seed std (e.g. "binomial
+        std of a recall on 800 images"). Returns a :class:`Reading` (a str).
     ``you_can_now(skills)``, ``extensions(items)``: Markdown lists.
     ``self_test(questions, answers) -> {key: True/False/None}``: checks each
         answer (``Numeric``: within ``tol``; ``Choice``: the option's text,
@@ -259,7 +261,9 @@ def _noise_word(verdict_text: str) -> str:
 
 
 def _fmt_setting(effect: str, setting) -> str:
-    return f"{effect}={setting:g}" if isinstance(setting, (int, float)) else f"{effect}={setting}"
+    """``T=2`` for a number (the effect's name up to a parenthesis), the setting itself otherwise."""
+    name = effect.split(" (")[0]
+    return f"{name}={setting:g}" if isinstance(setting, (int, float)) and not isinstance(setting, bool) else str(setting)
 
 
 def _quote_prediction(key: str | None) -> str:
@@ -269,7 +273,7 @@ def _quote_prediction(key: str | None) -> str:
         else "; you made no prediction"
 
 
-def _sweep(effect: str, values: Mapping, spread, scale: float, unit: str) -> str:
+def _sweep(effect: str, values: Mapping, spread, scale: float, unit: str, noise: str) -> str:
     if len(values) < 2:
         raise ValueError(f"values for a sweep over {effect} needs at least two settings, got {len(values)}")
     if spread is None:
@@ -283,15 +287,15 @@ def _sweep(effect: str, values: Mapping, spread, scale: float, unit: str) -> str
             f"lowest at {_fmt_setting(effect, lo)})")
     seeds = f" ({n_seeds} seeds)" if n_seeds else ""
     if sigma == 0:
-        return head + f"; seed std 0{seeds} → cannot tell (no seed spread measured)"
+        return head + f"; {noise} 0{seeds} → cannot tell (no spread measured)"
     point_sd = sigma / math.sqrt(min(r.n for r in res.values()))
     limit = range_quantile(len(res)) * point_sd * scale
     word = f"the choice of {effect} matters here" if width > limit else "within noise"
-    return (head + f"; seed std {scale * sigma:.2f} {unit}{seeds}, noise alone spans up to {limit:.2f} {unit} "
+    return (head + f"; {noise} {scale * sigma:.2f} {unit}{seeds}, noise alone spans up to {limit:.2f} {unit} "
             f"over {len(res)} settings (95 %) → {word}")
 
 
-def _pair(effect: str, values, spread, scale: float, unit: str, labels) -> str:
+def _pair(effect: str, values, spread, scale: float, unit: str, labels, noise: str) -> str:
     a, b = values
     if labels is not None and (isinstance(labels, str) or len(labels) != 2):
         raise ValueError(f"labels must be a pair of names for the two results, got {labels!r}")
@@ -314,24 +318,24 @@ def _pair(effect: str, values, spread, scale: float, unit: str, labels) -> str:
         sigma = max(ra.std if ra.n >= 2 else 0.0, rb.std if rb.n >= 2 else 0.0)
         n_seeds = max(ra.n if ra.n >= 2 else 0, rb.n if rb.n >= 2 else 0)
     if sigma == 0:
-        return head + f" (n = {ra.n} and {rb.n}) → cannot tell (no seed spread measured; pass spread=)"
-    noise = 2 * sigma * math.sqrt(1 / ra.n + 1 / rb.n) * scale
+        return head + f" (n = {ra.n} and {rb.n}) → cannot tell (no spread measured; pass spread=)"
+    band = 2 * sigma * math.sqrt(1 / ra.n + 1 / rb.n) * scale
     seeds = f" ({n_seeds} seeds)" if n_seeds else ""
-    word = "clears the noise" if abs(diff) > noise else "within noise"
-    return (head + f" (n = {ra.n} and {rb.n}); seed std {scale * sigma:.2f} {unit}{seeds}, "
-            f"2 sd of this difference = {noise:.2f} {unit} → {word}" + (direction if word == "clears the noise" else ""))
+    word = "clears the noise" if abs(diff) > band else "within noise"
+    return (head + f" (n = {ra.n} and {rb.n}); {noise} {scale * sigma:.2f} {unit}{seeds}, "
+            f"2 sd of this difference = {band:.2f} {unit} → {word}" + (direction if word == "clears the noise" else ""))
 
 
 def reading(effect: str, values, spread=None, *, key: str | None = None, labels=None, scale: float = 100.0,
-            unit: str = "points") -> Reading:
+            unit: str = "points", noise: str = "seed std") -> Reading:
     """One computed line: an effect read against the measured seed spread
     (see the module docstring for the forms and the rules)."""
     if not isinstance(effect, str) or not effect:
         raise ValueError(f"effect must be a short non-empty name (e.g. 'T'), got {effect!r}")
     if isinstance(values, Mapping):
-        line = _sweep(effect, values, spread, scale, unit)
+        line = _sweep(effect, values, spread, scale, unit, noise)
     elif isinstance(values, (tuple, list)) and len(values) == 2:
-        line = _pair(effect, values, spread, scale, unit, labels)
+        line = _pair(effect, values, spread, scale, unit, labels, noise)
     else:
         raise ValueError("values must be a mapping setting -> result (a sweep) or a pair (a, b) of results, "
                          f"got {type(values).__name__}")

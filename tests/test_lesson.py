@@ -103,6 +103,8 @@ def test_pair_reading_of_single_runs_uses_the_spread():
     small = lesson.reading("unfrozen", (0.851, 0.85), spread=spread, labels=("unfrozen", "frozen"))
     assert small.endswith("→ within noise")
     assert "cannot tell" in lesson.reading("x", (0.8, 0.7))
+    named = lesson.reading("recall", (0.9, 0.5), spread=0.02, labels=("a", "b"), noise="binomial std")
+    assert "binomial std 2.00 points" in named and "2 sd of this difference = 5.66 points" in named
 
 
 def test_pair_reading_takes_runs():
@@ -121,6 +123,9 @@ def test_sweep_reading_compares_the_range_with_the_noise_range():
     assert f"seed std {100 * spread.std:.2f} points (3 seeds)" in line
     assert f"up to {limit:.2f} points over 5 settings" in line
     assert line.endswith("→ the choice of T matters here")
+    named = lesson.reading("T (validation)", {"small": 0.8, "large": 0.9}, spread=spread, noise="val std")
+    assert "highest at large, lowest at small" in named and "val std" in named
+    assert "highest at T=2" in lesson.reading("T (validation)", {1: 0.8, 2: 0.9}, spread=spread)
     flat = {1: 0.850, 2: 0.852, 4: 0.849}
     assert lesson.reading("T", flat, spread=spread).endswith("→ within noise")
     # points averaged over n seeds have a std / sqrt(n) of noise

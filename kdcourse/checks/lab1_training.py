@@ -514,3 +514,40 @@ def declarations() -> list:
           reference=reference_pick_on_validation, variants=PICK_VARIANTS, hidden_seeds=tuple(range(9)),
           refuse=(reference_pick_on_validation,)),
     ]
+
+
+# --------------------------------------------------------------------------
+# The end-of-lab self-test (kdcourse.lesson.self_test checks the answers)
+# --------------------------------------------------------------------------
+
+def self_test_questions(kd, scratch) -> list:
+    """Lab 1's self-test; ``kd`` and ``scratch`` are the run's Summaries of
+    section 5 (one question is about the student's own table)."""
+    from .. import lesson
+
+    gain = 100 * (kd.mean - scratch.mean)
+    return [
+        lesson.Numeric("ce_wrong", "An image is labelled 'cat'; the student gives the wrong class 'dog' probability "
+                       "0.3. What is ∂CE/∂z_dog?", expected=0.3, tol=1e-3,
+                       explain="∂CE/∂z_i = p_i − y_i = 0.3 − 0 = 0.3: every wrong class is pushed down in proportion to "
+                               "its probability. The handout's 'zero gradient for incorrect classes' is wrong."),
+        lesson.Numeric("kd_shrink", "For a large T, by what factor does the gradient of the KL term (without the T² "
+                       "factor) shrink when T doubles?", expected=4.0, tol=0.25,
+                       explain="The gradient is (p_s − p_t)/T, and p_s − p_t itself shrinks like 1/T: 1/T² in all, so "
+                               "doubling T divides it by 4 — which is what the T² factor undoes."),
+        lesson.Choice("split", "On which split did this lab choose T_MAIN?",
+                      ["the training split", "the validation split", "the test split"], correct="the validation split",
+                      explain="pick_on_validation read val_acc; a choice made on the test split would make the "
+                              "reported test accuracy of the chosen setting a biased estimate."),
+        lesson.Choice("frozen", "A teacher left in train mode is run under torch.no_grad(). What happens?",
+                      ["nothing: no_grad freezes it completely",
+                       "its batch-norm layers use the batch's statistics and update their running averages",
+                       "it receives gradients from the student's loss"],
+                      correct="its batch-norm layers use the batch's statistics and update their running averages",
+                      explain="no_grad only stops gradients; batch-norm in train mode still normalises with batch "
+                              "statistics and moves its running averages (section 3 measured it): call teacher.eval()."),
+        lesson.Numeric("gain", "In your run, how many points did KD add over scratch (mean over seeds, to 0.1)?",
+                       expected=round(gain, 1), tol=0.051,
+                       explain=f"Read it from section 5: KD − scratch = {gain:+.2f} points in this run (the reading "
+                               "below the table also says whether it clears the seed noise)."),
+    ]
