@@ -76,9 +76,12 @@ def declaration_problems(solution: dict, stem: str) -> list[str]:
     return labgen.declaration_problems(solution, stem)
 
 
-def load_lab(path: str, solution: str | None = None) -> Lab:
+def load_lab(path: str, solution: str | None = None, strict: bool = True) -> Lab:
     """The lab to grade from ``labs/X.ipynb`` (its solution is found in
-    ``solutions/X.ipynb``) or from the solution itself."""
+    ``solutions/X.ipynb``) or from the solution itself. Declarations that
+    disagree with the solution raise ``ValueError`` (``strict=False``: the
+    declared exercises without a solution cell are left out, for a lab
+    being written)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"lab notebook {path!r} does not exist; pass labs/NN_topic.ipynb or solutions/NN_topic.ipynb")
     if solution is None:
@@ -96,9 +99,10 @@ def load_lab(path: str, solution: str | None = None) -> Lab:
     if not exercises:
         raise ValueError(f"{stem}: {contract.lab_module(stem)} declares no EXERCISES: nothing to grade")
     problems = declaration_problems(sol, stem)
-    if problems:
+    if problems and strict:
         raise ValueError("; ".join(problems))
     cells = solution_exercise_cells(sol)
+    exercises = [e for e in exercises if e.name in cells]
     exercises.sort(key=lambda e: cells[e.name])
     return Lab(stem, solution, sol, labgen.make_lab(sol, solution), exercises, {e.name: cells[e.name] for e in exercises})
 
