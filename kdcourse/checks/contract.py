@@ -65,6 +65,17 @@ tolerance of :func:`compare`; ``compare``: optional
 reference, when it lives in the package outside ``kdcourse.checks``);
 ``timeout``: seconds one probe may take.
 
+Helpers for probes: :func:`generator` (a seeded ``torch.Generator``),
+:func:`plain`, :func:`grad`, :func:`scalar` (a loss that must be a 0-dim
+tensor), :func:`attempt` (a call that may fail, recorded as
+``{"raised": "<type>"}`` so a variant that raises can be recognised). A
+probe raises :class:`PlainDataError` with a message for the student when
+the function returned something unusable. Every exercise must come with
+tests (``tests/test_grading_exercises.py`` runs them for every declared
+exercise): the solution's code matches the reference on the hidden seeds,
+each variant is named by :func:`diagnose_data`, the solution scores full
+marks and the untouched lab zero in a real kernel.
+
 Plain data: ``None``, ``bool``, ``int``, ``float`` (NaN and infinities
 allowed, and compared explicitly: NaN matches only NaN), ``str`` (capped),
 lists, dicts with ``str`` keys, and tensors as ``{"__tensor__": dtype,

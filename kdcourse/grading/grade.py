@@ -239,6 +239,7 @@ def _kill(proc) -> None:
 
 _REF_CACHE: dict = {}
 _REF_LOCK = threading.Lock()
+_PROBE_LOCK = threading.RLock()
 
 
 def reference_data(ex: contract.Exercise, fn, key: str, seed: int):
@@ -247,7 +248,8 @@ def reference_data(ex: contract.Exercise, fn, key: str, seed: int):
     with _REF_LOCK:
         if k in _REF_CACHE:
             return _REF_CACHE[k]
-    data = contract.run_probe(ex, fn, seed)
+    with _PROBE_LOCK:  # probes seed the global RNGs: one at a time when the batch grades in threads
+        data = contract.run_probe(ex, fn, seed)
     if seed in ex.hidden_seeds:
         with _REF_LOCK:
             _REF_CACHE[k] = data
