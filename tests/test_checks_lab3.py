@@ -112,3 +112,126 @@ def test_bad_return_types_and_stubs():
             check(stub)
     with pytest.raises(CheckFailed, match="differs from the reference"):
         lab3.check_attention_loss(lambda s, t, m: tl.attention_kl(s, t, m) * 1.5)
+
+
+# --------------------------------------------------------------------------
+# DistilBERT's triple loss and the two-stage recipe (kdcourse.checks.lab3_recipe)
+# --------------------------------------------------------------------------
+
+from kdcourse.checks import contract  # noqa: E402
+from kdcourse.recipes import lab3_controls  # noqa: E402
+
+
+def _exercise(name):
+    return contract.exercise(3, name)
+
+
+def _my_distilbert(s_logits, t_logits, labels, s_hidden, t_hidden, mask, T=2.0, alpha_ce=5.0, alpha_mlm=2.0,
+                   alpha_cos=1.0):
+    """Written another way: a loop over the masked tokens, torch.distributions for the KL."""
+    kls, ces = [], []
+    for b, s in (labels != -100).nonzero().tolist():
+        p_t = torch.distributions.Categorical(logits=t_logits[b, s].detach() / T)
+        p_s = torch.distributions.Categorical(logits=s_logits[b, s] / T)
+        kls.append(torch.distributions.kl_divergence(p_t, p_s))
+        ces.append(-torch.log_softmax(s_logits[b, s], -1)[labels[b, s]])
+    ce = torch.stack(kls).mean() * T ** 2 if kls else s_logits.sum() * 0
+    mlm = torch.stack(ces).mean() if ces else s_logits.sum() * 0
+    real = mask.bool()
+    cos = (1 - F.cosine_similarity(s_hidden[real], t_hidden[real], dim=-1)).mean()
+    return alpha_ce * ce + alpha_mlm * mlm + alpha_cos * cos
+
+
+def _my_two_stage(teacher, student, train, targets, layer_map, T, alpha):
+    """Written another way: both objectives built first, defaults spelled out."""
+    from kdcourse.distill.transformer import LayerDistill
+
+    general = LayerDistill(teacher, student, layer_map=lambda n_s, n_t: layer_map, w_embedding=1.0, w_hidden=1.0,
+                           w_attention=1.0, w_prediction=0, targets=targets["general"], T=5.0)
+    task = LayerDistill(teacher, student, layer_map=layer_map, targets=targets["train"], T=T, alpha=alpha,
+                        projections=general.projections)
+    for split, objective in (("general", general), ("train", task)):
+        train(student, split, objective)
+    return student
+
+
+def test_new_lab3_checks_accept_reference_and_other_correct_versions(capsys):
+    assert lab3.check_distilbert_loss(tl.distilbert_loss)
+    assert lab3.check_distilbert_loss(_my_distilbert)
+    assert lab3.check_two_stage(lab3_controls.two_stage_kd)
+    assert lab3.check_two_stage(_my_two_stage)
+    assert capsys.readouterr().out.count("✓") == 4
+
+
+@pytest.mark.parametrize("name", sorted(lab3.DISTILBERT_VARIANTS))
+def test_distilbert_check_names_each_variant(name):
+    fn, hint = lab3.DISTILBERT_VARIANTS[name]
+    with pytest.raises(CheckFailed) as err:
+        lab3.check_distilbert_loss(fn)
+    assert hint in str(err.value)
+
+
+@pytest.mark.parametrize("name", sorted(lab3.TWO_STAGE_VARIANTS))
+def test_two_stage_check_names_each_variant(name):
+    fn, hint = lab3.TWO_STAGE_VARIANTS[name]
+    with pytest.raises(CheckFailed) as err:
+        lab3.check_two_stage(fn)
+    assert hint in str(err.value)
+
+
+@pytest.mark.parametrize("name,variant", [("distilbert_loss", v) for v in sorted(lab3.DISTILBERT_VARIANTS)]
+                         + [("two_stage_kd", v) for v in sorted(lab3.TWO_STAGE_VARIANTS)])
+def test_grader_names_each_variant_from_plain_data(name, variant):
+    ex = _exercise(name)
+    seeds = ex.hidden_seeds
+    student = {s: contract.run_probe(ex, ex.variants[variant][0], s) for s in seeds}
+    for data in student.values():
+        contract.validate(data)  # what the sandboxed kernel sends is plain data
+    ref = {s: contract.run_probe(ex, ex.reference, s) for s in seeds}
+    verdict = contract.diagnose_data(ex, student, ref, lambda v, s: contract.run_probe(ex, ex.variants[v][0], s))
+    assert not verdict.ok and verdict.variant == variant
+
+
+@pytest.mark.parametrize("name", ["distilbert_loss", "two_stage_kd"])
+def test_new_probes_are_deterministic_and_reference_passes_hidden_seeds(name):
+    ex = _exercise(name)
+    for s in ex.hidden_seeds:
+        a, b = contract.run_probe(ex, ex.reference, s), contract.run_probe(ex, ex.reference, s)
+        assert contract.compare(a, b, 0, 0) is None
+    assert contract.diagnose_data(ex, {s: contract.run_probe(ex, _my_distilbert if name == "distilbert_loss"
+                                                             else _my_two_stage, s) for s in ex.hidden_seeds},
+                                  {s: contract.run_probe(ex, ex.reference, s) for s in ex.hidden_seeds}).ok
+
+
+def test_distilbert_gradient_checked_not_only_the_value():
+    # the same value with the student's hidden states detached in the cosine term
+    fn = lab3.DISTILBERT_VARIANTS["cos_detached"][0]
+    args = contract.run_probe(_exercise("distilbert_loss"), fn, 0)
+    ref = contract.run_probe(_exercise("distilbert_loss"), tl.distilbert_loss, 0)
+    assert contract.compare(args["loss"], ref["loss"]) is None  # the value agrees ...
+    assert contract.compare(args["grads"], ref["grads"]) is not None  # ... the gradient does not
+
+
+def test_inplace_change_of_an_input_is_named():
+    def scales_teacher_in_place(s, t, labels, sh, th, mask, T=2.0, **kw):
+        t /= T
+        return tl.distilbert_loss(s, t * T, labels, sh, th, mask, T=T, **kw)
+
+    def scales_student_in_place(s, t, labels, sh, th, mask, T=2.0, **kw):
+        s /= T
+        return tl.distilbert_loss(s * T, t, labels, sh, th, mask, T=T, **kw)
+
+    for fn in (scales_teacher_in_place, scales_student_in_place):
+        with pytest.raises(CheckFailed, match="in place"):
+            lab3.check_distilbert_loss(fn)
+
+
+def test_two_stage_stub_and_wrong_return():
+    def stub(*args):
+        raise NotImplementedError()
+
+    with pytest.raises(NotImplementedError):
+        lab3.check_two_stage(stub)
+    with pytest.raises(CheckFailed):
+        lab3.check_two_stage(lambda teacher, student, train, targets, layer_map, T, alpha:
+                             lab3_controls.two_stage_kd(teacher, student, train, targets, layer_map, T, alpha) and None)

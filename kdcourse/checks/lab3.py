@@ -381,3 +381,18 @@ EXERCISES = [
                       reference=tl.attention_kl, variants=ATTENTION_VARIANTS, hidden_seeds=tuple(range(6)),
                       rtol=1e-6, atol=1e-9),
 ]
+
+# The DistilBERT triple loss and the two-stage recipe (kdcourse.checks.lab3_recipe).
+from ..recipes import lab3_controls as _recipe  # noqa: E402
+from .lab3_recipe import (DISTILBERT_VARIANTS, TWO_STAGE_VARIANTS, check_distilbert_loss,  # noqa: E402,F401
+                          check_two_stage, probe_distilbert_loss, probe_two_stage)
+
+EXERCISES += [
+    contract.Exercise(name="distilbert_loss", points=1.0, check=check_distilbert_loss, probe=probe_distilbert_loss,
+                      reference=tl.distilbert_loss, variants=DISTILBERT_VARIANTS, hidden_seeds=tuple(range(8)),
+                      rtol=1e-6, atol=1e-9),
+    contract.Exercise(name="two_stage_kd", points=1.0, check=check_two_stage, probe=probe_two_stage,
+                      reference=_recipe.two_stage_kd, variants=TWO_STAGE_VARIANTS, hidden_seeds=tuple(range(6)),
+                      rtol=0.0, atol=0.0),
+]
+
