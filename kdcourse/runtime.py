@@ -6,6 +6,7 @@ the course requires one.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from functools import lru_cache
@@ -46,3 +47,16 @@ def device_of(model) -> torch.device:
         for p in model.parameters():
             return p.device
     return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def num_threads(n: int):
+    """Run the block with ``torch.set_num_threads(n)``; restore the old value after."""
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"threads must be a positive int, got {n!r}")
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
