@@ -17,8 +17,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Headless-safe: no browser is opened (open the printed http://127.0.0.1 URL);
+# --allow-root only when run as root (containers), where Jupyter refuses otherwise.
+LAB_ARGS := --ip=127.0.0.1 --port=$(PORT) --no-browser --ServerApp.root_dir=. $(if $(filter 0,$(shell id -u)),--allow-root,)
+
 lab: $(STAMP)
-	$(BIN)/jupyter lab --ip=127.0.0.1 --port=$(PORT) --ServerApp.root_dir=. labs/01_classic_kd.ipynb
+	$(BIN)/jupyter lab $(LAB_ARGS) labs/01_classic_kd.ipynb
 
 # The browser test drives Debian's Chromium (installed here with apt-get when
 # missing; Playwright never downloads a browser). CI sets

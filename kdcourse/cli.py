@@ -5,7 +5,7 @@
     record FILE...            execute solutions (smoke) and store the checked outputs
     bench labN [--profile P]  print a lab's measured speed/accuracy figures
     grade LAB SUBMISSIONS     grade a folder of student notebooks (kdcourse.grading)
-    report [--profile P]      run every solution, write the course report (kdcourse.report)
+    report [--profile P]      run every solution, write the course report (kdcourse.tools.report)
 """
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def _record(args) -> int:
     """Execute each solution in the smoke profile and keep only the outputs of
     cells marked NBVAL_CHECK_OUTPUT (what nbval compares)."""
     from . import labgen
-    from .notebooks import execute
+    from .tools.notebooks import execute
 
     for path in args.files:
         original = labgen.read(path)
@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     p.add_argument("--only", default="", help="comma-separated parts (each benchmark's docstring lists them)")
     p.set_defaults(func=_bench)
     for name, module_name, help_text in (("grade", "grading", "grade student notebooks"),
-                                         ("report", "report", "run all solutions and write the course report")):
+                                         ("report", "tools.report", "run all solutions and write the course report")):
         p = sub.add_parser(name, help=help_text)
         try:
             mod = _delegate(module_name)

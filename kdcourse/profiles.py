@@ -181,6 +181,87 @@ def lab2_settings(profile) -> Lab2Settings:
 
 
 @dataclass(frozen=True)
+class BertSpec:
+    """The shape of a BERT (fields of ``transformers.BertConfig``)."""
+
+    layers: int  # num_hidden_layers
+    hidden: int  # hidden_size
+    heads: int  # num_attention_heads (hidden must be divisible by it)
+    intermediate: int  # intermediate_size of the feed-forward block
+    dropout: float = 0.1  # hidden_dropout_prob
+    attention_dropout: float = 0.0  # attention_probs_dropout_prob (0: HF returns attentions after dropout)
+
+    def __post_init__(self):
+        for name in ("layers", "hidden", "heads", "intermediate"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"BertSpec.{name} must be a positive int, got {v!r}")
+        if self.hidden % self.heads:
+            raise ValueError(f"BertSpec.hidden={self.hidden} must be divisible by heads={self.heads}")
+
+    def describe(self) -> str:
+        return f"BERT {self.layers}L-{self.hidden}H-{self.heads}A"
+
+
+@dataclass(frozen=True)
+class Lab3Settings:
+    """Everything Lab 3 sizes by profile (the profile itself sizes the image labs)."""
+
+    n_teacher_train: int  # labelled reviews the teacher is trained on
+    n_train: int  # the students' labelled reviews (the first n_train of the teacher's)
+    n_val: int
+    n_test: int
+    n_general: int  # unlabelled reviews for general distillation
+    teacher: BertSpec
+    student: BertSpec
+    teacher_epochs: int
+    teacher_lr: float
+    teacher_batch_size: int
+    mlm_weight: float  # weight of the teacher's auxiliary masked-LM loss (gives it an MLM head)
+    mlm_fraction: float  # part of each teacher batch that also gets a masked copy for that loss
+    student_epochs: int  # task epochs for every student recipe
+    general_epochs: int  # epochs over the unlabelled corpus in stage 1 of two-stage KD
+    progressive_epochs: int  # epochs per layer in progressive (MobileBERT-style) transfer
+    lr: float  # student learning rate (Adam, cosine decay)
+    batch_size: int
+    T: float = 2.0  # temperature of prediction-layer KD
+    alpha: float = 0.9  # weight of the KD term against the labels
+    latency_batch: int = 32  # reviews per batch in the latency measurement
+    threads: int | None = None  # torch threads for the lab (None: leave torch's default)
+
+
+LAB3: dict[str, Lab3Settings] = {
+    "smoke": Lab3Settings(
+        n_teacher_train=600, n_train=300, n_val=200, n_test=300, n_general=600,
+        teacher=BertSpec(4, 32, 2, 64), student=BertSpec(2, 16, 2, 32),
+        teacher_epochs=3, teacher_lr=2e-3, teacher_batch_size=32, mlm_weight=1.0, mlm_fraction=0.5,
+        student_epochs=2, general_epochs=1, progressive_epochs=1, lr=3e-3, batch_size=64,
+        threads=1,  # models this small run fastest on one thread (and CI machines are shared)
+    ),
+    "laptop": Lab3Settings(
+        n_teacher_train=8000, n_train=1500, n_val=1000, n_test=2000, n_general=4000,
+        teacher=BertSpec(8, 128, 4, 512), student=BertSpec(4, 48, 4, 192),
+        teacher_epochs=6, teacher_lr=5e-4, teacher_batch_size=32, mlm_weight=1.0, mlm_fraction=0.5,
+        student_epochs=12, general_epochs=2, progressive_epochs=1, lr=2e-3, batch_size=64,
+    ),
+    "full": Lab3Settings(
+        n_teacher_train=40000, n_train=4000, n_val=2000, n_test=5000, n_general=20000,
+        teacher=BertSpec(12, 256, 4, 1024), student=BertSpec(4, 64, 4, 256),
+        teacher_epochs=8, teacher_lr=3e-4, teacher_batch_size=64, mlm_weight=1.0, mlm_fraction=0.5,
+        student_epochs=20, general_epochs=4, progressive_epochs=2, lr=2e-3, batch_size=128,
+    ),
+}
+
+
+def lab3_settings(profile) -> Lab3Settings:
+    """The :class:`Lab3Settings` for a profile (or a profile name)."""
+    name = profile if isinstance(profile, str) else getattr(profile, "name", None)
+    if name not in LAB3:
+        raise ValueError(f"no Lab 3 sizes for profile {name!r}; use one of {sorted(LAB3)}")
+    return LAB3[name]
+
+
+@dataclass(frozen=True)
 class Lab4Settings:
     """Lab 4's knobs for one profile (the notebook may override any)."""
 

@@ -7,6 +7,8 @@ one pass over the (non-augmented) training split and looked up by
 """
 from __future__ import annotations
 
+import hashlib
+import weakref
 from collections import OrderedDict
 from typing import Sequence
 
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 
 from . import features as feats
 from .data import Split
+from .train import predict_logits
 
 CACHE_LIMIT_BYTES = 2e9  # above this, "auto" runs the teacher live instead of caching its features
 _MEMO: "OrderedDict[tuple, tuple]" = OrderedDict()
@@ -68,3 +71,48 @@ def teacher_outputs(teacher: nn.Module, split: Split, names: Sequence[str], size
         _MEMO.popitem(last=False)
     get = lambda n, sz: _MEMO[_memo_key(teacher, split, n, sz)][2]  # noqa: E731
     return get("__logits__", None), {n: get(n, sz) for n, sz in wanted[1:]}
+
+
+# The teacher's logits on a split, shared by every Distill run that uses the
+# same teacher on the same data (a lab trains dozens of students from one
+# teacher). Keyed by the live module (checked through a weak reference), a
+# digest of its weights and a digest of the split's tensors, so a retrained
+# teacher or a different split can never be served stale logits.
+_LOGIT_MEMO: "OrderedDict[tuple, tuple[weakref.ref, torch.Tensor]]" = OrderedDict()
+LOGIT_MEMO_SIZE = 4
+
+
+def _digest(tensors) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().data if t.numel() else b"")
+    return h.hexdigest()
+
+
+def memo_logits(teacher, split: Split) -> torch.Tensor:
+    """``predict_logits(teacher, split)``, computed once per (teacher
+    module and its weights, split tensors — images or token ids, labels)
+    and reused (at most ``LOGIT_MEMO_SIZE`` entries;
+    ``clear_logit_memo()`` empties it). Callables that are not modules are
+    not memoised."""
+    inputs = [v for _, v in sorted(vars(split).items()) if isinstance(v, torch.Tensor)] if hasattr(split, "__dict__") else []
+    if not isinstance(teacher, nn.Module) or not inputs:
+        return predict_logits(teacher, split)
+    # the same live module (its plain attributes, e.g. an ensemble's averaging mode, shape its
+    # outputs too), with the same weights, on the same tensors
+    key = (id(teacher), type(split).__qualname__, _digest(teacher.state_dict().values()), _digest(inputs))
+    hit = _LOGIT_MEMO.get(key)
+    if hit is not None and hit[0]() is teacher:
+        _LOGIT_MEMO.move_to_end(key)
+        return hit[1]
+    logits = predict_logits(teacher, split)
+    _LOGIT_MEMO[key] = (weakref.ref(teacher), logits)
+    while len(_LOGIT_MEMO) > LOGIT_MEMO_SIZE:
+        _LOGIT_MEMO.popitem(last=False)
+    return logits
+
+
+def clear_logit_memo() -> None:
+    _LOGIT_MEMO.clear()

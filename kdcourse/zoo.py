@@ -27,6 +27,11 @@ import torch.nn as nn
 
 from . import models, runtime
 from .data import ImageData
+from .data.reviews import TextData
+from .distill.transformer import TeacherObjective
+from .models import bert
+from .models.bert import TextTransformer, _transformers
+from .profiles import lab3_settings
 from .train import evaluate, fit, freeze
 
 FORMAT = 1
@@ -226,4 +231,73 @@ def teacher(profile, data: ImageData, variant: str = "main", seed: int = 0, dire
     model, info = train_teacher(rec, data, progress=progress)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     save_atomic({"key": cache_key(rec, data), "recipe": rec.to_json(), "info": info, "state_dict": state}, path)
+    return freeze(model), dict(info, cache_path=path, from_cache=False)
+
+
+# --------------------------------------------------------------------------
+# The BERT teacher of Lab 3: trained once, cached in the same format
+# --------------------------------------------------------------------------
+
+def _bert_key(c, data, seed: int) -> tuple[str, str]:
+    transformers = _transformers()
+    recipe = {"format": FORMAT, "teacher": dataclasses.asdict(c.teacher), "epochs": c.teacher_epochs,
+              "lr": c.teacher_lr, "mlm_weight": c.mlm_weight, "mlm_fraction": c.mlm_fraction,
+              "batch_size": c.teacher_batch_size, "seed": seed, "n": len(data.teacher_train),
+              "vocab": data.tokenizer.vocab, "max_len": data.max_len,
+              "transformers": ".".join(transformers.__version__.split(".")[:2])}
+    rec = json.dumps(recipe, sort_keys=True)
+    return rec, hashlib.sha256(f"{rec}|{data.fingerprint()}".encode()).hexdigest()[:20]
+
+
+def train_bert_teacher(profile, data: TextData, seed: int = 0, progress: bool = True) -> tuple[TextTransformer, dict]:
+    """Train the profile's BERT teacher on ``data.teacher_train`` (no cache)."""
+    c = lab3_settings(profile)
+    runtime.seed_everything(seed)
+    model = bert.build(c.teacher, data, mlm_head=True, tie_mlm=False)
+    t0 = time.perf_counter()
+    objective = TeacherObjective(c.mlm_weight, mlm_fraction=c.mlm_fraction, seed=seed)
+    hist = fit(model, data.teacher_train, objective, epochs=c.teacher_epochs, lr=c.teacher_lr,
+               batch_size=c.teacher_batch_size, weight_decay=0.01, seed=seed, progress=progress, desc="BERT teacher")
+    info = {
+        "arch": c.teacher.describe(),
+        "params": bert.count_params(model),
+        "params_no_embeddings": bert.count_params(model, embeddings=False),
+        "train_seconds": time.perf_counter() - t0,
+        "train_acc": evaluate(model, data.teacher_train)["acc"],
+        "val_acc": evaluate(model, data.val)["acc"],
+        "test_acc": evaluate(model, data.test)["acc"],
+        "epochs": c.teacher_epochs,
+        "final_loss": hist.last("loss"),
+    }
+    return model, info
+
+
+def bert_teacher(profile, data: TextData, seed: int = 0, directory: str | None = None,
+                  progress: bool = True, rebuild: bool = False) -> tuple[TextTransformer, dict]:
+    """The profile's BERT teacher: loaded from the cache, or trained and cached.
+
+    The cache file (in ``$KDCOURSE_CACHE`` or ``~/.cache/kdcourse``) is keyed
+    by the recipe, the data's fingerprint and the transformers version; it is
+    written atomically with a checksum (:func:`kdcourse.save_atomic`), and
+    a corrupt or incompatible file is reported and rebuilt. Returns the frozen
+    teacher (eval mode) and an info dict.
+    """
+    c = lab3_settings(profile)
+    rec, key = _bert_key(c, data, seed)
+    path = os.path.join(directory or cache_dir(), f"bert-teacher-{key}.pt")
+    if os.path.exists(path) and not rebuild:
+        try:
+            blob = load_checked(path)
+            if blob.get("key") != key:
+                raise CorruptCache(f"{path}: key mismatch")
+            model = bert.build(c.teacher, data, mlm_head=True, tie_mlm=False)
+            model.load_state_dict(blob["state_dict"])
+            info = dict(blob["info"], cache_path=path, from_cache=True)
+            return freeze(model.to(runtime.device())), info
+        except Exception as exc:  # corrupt, truncated, or written by an incompatible version
+            warnings.warn(f"BERT teacher cache {path} is unusable ({exc}); rebuilding it", stacklevel=2)
+            os.remove(path)
+    model, info = train_bert_teacher(profile, data, seed=seed, progress=progress)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    save_atomic({"key": key, "recipe": rec, "info": info, "state_dict": state}, path)
     return freeze(model), dict(info, cache_path=path, from_cache=False)

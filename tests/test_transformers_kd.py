@@ -218,7 +218,7 @@ def test_two_stage_and_progressive_runs(data, teacher):
 
 def test_progressive_freezes_all_but_the_current_layer(data, teacher, monkeypatch):
     """Record which student parameters are trainable in each stage."""
-    import kdcourse.transformers_kd as mod
+    import kdcourse.recipes.lab3 as mod
 
     seen = []
     real_fit = mod.fit
@@ -263,9 +263,10 @@ def test_prediction_kd_with_distill_works_on_text(data, teacher):
     assert hist[0]["kd"] > 0
 
 
-def test_latency_reports_and_restores_threads(data):
-    m = tk.build(STUDENT, data)
+def test_size_and_speed_uses_deploy_latency_and_restores_threads(data):
+    t, m = tk.build(STUDENT, data), tk.build(tk.BertSpec(1, 16, 2, 32), data)
     before = torch.get_num_threads()
-    r = tk.latency(m, data.test.input_ids[:8], repeats=3, warmup=1, threads=1)
-    assert r["p50_ms"] > 0 and r["threads"] == 1 and r["batch"] == (8, data.max_len)
+    r = tk.size_and_speed(t, m, data.test.input_ids[:8], repeats=3, warmup=1, threads=1, rounds=2)
+    assert r["p50_ms"][0] > 0 and r["p50_ms"][1] > 0 and r["threads"] == 1 and r["batch"] == (8, data.max_len)
+    assert r["params"] == (tk.count_params(t), tk.count_params(m)) and r["params"][0] > r["params"][1]
     assert torch.get_num_threads() == before

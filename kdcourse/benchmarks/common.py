@@ -8,12 +8,14 @@ import sys
 import tempfile
 import time
 
+from ..tools.notebooks import slowest_cells  # noqa: F401  (re-exported: benchmarks read it here)
+
 
 def run_all(notebook: str, profile: str, cache: str | None = None, label: str = "") -> float:
     """Execute ``notebook`` top to bottom in ``profile`` (a fresh kernel, a
     temporary working folder, ``$KDCOURSE_CACHE`` = ``cache`` when given),
     print its wall time and return it in seconds. Raises on a failing cell."""
-    from ..notebooks import execute
+    from ..tools.notebooks import execute, slowest_cells
 
     env = {"MPLBACKEND": "Agg"}
     if cache is not None:
@@ -26,25 +28,6 @@ def run_all(notebook: str, profile: str, cache: str | None = None, label: str = 
     print(f"Lab {name.lstrip('0')} Run All, profile {profile}{', ' + label if label else ''}: {seconds:.0f} s "
           f"(load average now {os.getloadavg()[0]:.1f}); slowest cells: {slowest_cells(nb)}", flush=True)
     return seconds
-
-
-def slowest_cells(nb: dict, n: int = 5) -> str:
-    """``"#12 (## 3. Teacher vs …) 61 s, …"``: the ``n`` code cells that took
-    longest in an executed notebook (papermill's per-cell durations), each
-    with the heading it sits under."""
-    heading, rows = "", []
-    for i, cell in enumerate(nb.get("cells", [])):
-        src = cell.get("source", "")
-        src = "".join(src) if isinstance(src, list) else src
-        if cell.get("cell_type") == "markdown":
-            heads = [line.lstrip("#").strip() for line in src.splitlines() if line.startswith("#")]
-            heading = heads[-1] if heads else heading
-        elif cell.get("cell_type") == "code":
-            sec = (cell.get("metadata", {}).get("papermill") or {}).get("duration")
-            if sec is not None:
-                rows.append((float(sec), i, heading))
-    rows.sort(reverse=True)
-    return ", ".join(f"#{i} ({h[:30]}) {sec:.0f} s" for sec, i, h in rows[:n]) or "no cell timings"
 
 
 def smoke_run_all(notebook: str) -> float:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .. import runtime
 from ..losses.mutual import average_logits, average_probs_as_logits
-from . import conv_bn
+from .vision import conv_bn
 
 
 class EnsembleTeacher(nn.Module):
