@@ -45,13 +45,14 @@ def student_copy(solution: dict, bodies: dict | None = None) -> dict:
                 skip_hidden = False
             elif s == labgen.BEGIN:
                 in_block = True
-                owner = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.lineno <= lineno <= n.end_lineno)
+                owner = next((n for n in tree.body if isinstance(n, ast.FunctionDef)
+                              and n.lineno <= lineno <= n.end_lineno), None)  # None: a top-level answer block
                 indent = line[: len(line) - len(line.lstrip())]
-                if owner.name in bodies:
+                if owner is not None and owner.name in bodies:
                     out.extend(indent + b for b in bodies[owner.name](owner).split("\n"))
             elif s == labgen.END:
                 in_block = False
-            elif skip_hidden or (in_block and owner.name in bodies):
+            elif skip_hidden or (in_block and owner is not None and owner.name in bodies):
                 continue
             else:
                 out.append(line)
@@ -79,8 +80,33 @@ def imports_cell(nb: dict) -> int:
     return next(i for i, c in enumerate(nb["cells"]) if c["cell_type"] == "code" and "from kdcourse" in labgen.source(c))
 
 
-def last_exercise_cell(nb: dict, names=("soft_targets", "kd_loss")) -> int:
-    return max(cell_defining(nb, n) for n in names)
+def exercise_names(lab_path: str = LAB1_LAB) -> list[str]:
+    from kdcourse.grading import grade
+
+    return [e.name for e in grade.load_lab(lab_path).exercises]
+
+
+def last_exercise_cell(nb: dict, names=None) -> int:
+    return max(cell_defining(nb, n) for n in (names or exercise_names()))
+
+
+def reduced(nb: dict, names=None) -> dict:
+    """Only the cells grading needs: the ``parameters`` cell, the imports and
+    each exercise cell (the lab's experiments between them left out, so a
+    test batch takes seconds per notebook; the grader notes the deleted cells)."""
+    names = set(names or exercise_names())
+    nb = copy.deepcopy(nb)
+    keep = []
+    for i, c in enumerate(nb["cells"]):
+        src = labgen.source(c)
+        if c["cell_type"] != "code":
+            continue
+        tags = c.get("metadata", {}).get("tags", [])
+        defines = any(f"def {n}(" in src for n in names)
+        if "parameters" in tags or i == imports_cell(nb) or defines:
+            keep.append(c)
+    nb["cells"] = keep
+    return nb
 
 
 def insert(nb: dict, index: int, source: str) -> dict:

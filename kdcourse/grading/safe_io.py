@@ -127,7 +127,10 @@ def find_submissions(folder: str) -> tuple[list[tuple[str, str]], list[str]]:
     ``folder`` (``alice.ipynb`` is student ``alice``; ``alice/lab.ipynb`` is
     ``alice/lab``), links never followed; ``skipped`` says what was left out
     and why (symbolic links, FIFOs, devices)."""
-    st = os.lstat(folder)
+    try:
+        st = os.lstat(folder)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"submissions folder {folder!r} does not exist") from None
     if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
         raise FileNotFoundError(f"submissions folder {folder!r} is not a folder (a symbolic link is not followed)")
     found, skipped = [], []
