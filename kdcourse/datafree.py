@@ -49,9 +49,9 @@ FORMAT = 1
 class SynthesisSettings:
     """How a synthesized set is made; every field enters the cache key."""
 
-    n_images: int = 1000  # in total, balanced over the classes
+    n_images: int = 500  # in total, balanced over the classes
     batch_size: int = 100  # images optimised together (their batch statistics are matched)
-    steps: int = 200  # optimiser steps per batch
+    steps: int = 120  # optimiser steps per batch
     lr: float = 0.1  # Adam on the pixels (normalised units)
     bn_weight: float = 0.05
     tv_weight: float = 1.0
@@ -81,8 +81,9 @@ class SynthesisSettings:
 
 def settings_for(profile) -> SynthesisSettings:
     """The synthesis settings of a profile (``profile.extra["synthesis"]``
-    overrides fields). Smoke: a few images and steps (seconds); laptop: tuned
-    to stay within about four minutes on two cores; full: more of both."""
+    overrides fields). Smoke: a few images and steps (seconds); laptop: 500
+    images x 120 steps (5 batches of 100), sized to stay within about four
+    minutes on two cores; full (a GPU): 5,000 images x 1,000 steps."""
     base = {
         "smoke": SynthesisSettings(n_images=40, batch_size=20, steps=8),
         "laptop": SynthesisSettings(),

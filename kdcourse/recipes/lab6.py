@@ -1,8 +1,9 @@
 """Lab 6's experiments: what a student learns from (transfer sets), and a patient teacher.
 
-    sets = lab6.transfer_sets(ds, teacher, n=1000, synthesized=synth)
-    results = lab6.compare_transfer_sets(teacher, ds, sets, seeds=(0, 1, 2), epochs=20, lr=3e-3, T=4.0)
-    patient = lab6.patient_and_consistent(teacher, ds, sets["real images + labels"].split, epochs=20, patience=3)
+    sets = lab6.transfer_sets(ds, teacher, n=500, synthesized=synth)
+    results = lab6.compare_transfer_sets(teacher, ds, sets, build=spec, seeds=(0, 1, 2), epochs=30, lr=3e-3, T=4.0)
+    patient = lab6.patient_and_consistent(teacher, ds, sets[lab6.REAL].split, build=spec, epochs=30, patience=3,
+                                          lr=3e-3, T=4.0, alpha=0.9)
 
 Transfer sets (every one has the same number of images, and every student
 the same architecture, steps and learning rate; the distillation loss is
@@ -223,8 +224,8 @@ class Lab6Settings:
 def settings_for(profile) -> Lab6Settings:
     base = {
         "smoke": Lab6Settings(n_transfer=40, epochs=2, patience=2),
-        "laptop": Lab6Settings(n_transfer=1000, epochs=20, patience=3),
+        "laptop": Lab6Settings(n_transfer=500, epochs=30, patience=3),
         "full": Lab6Settings(n_transfer=5000, epochs=30, patience=4),
-    }.get(profile.name, Lab6Settings(n_transfer=1000, epochs=20, patience=3))
+    }.get(profile.name, Lab6Settings(n_transfer=500, epochs=30, patience=3))
 
     return dataclasses.replace(base, **profile.extra.get("lab6", {}))
