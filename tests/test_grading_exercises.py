@@ -63,6 +63,8 @@ def planted(stem: str, names) -> dict:
     cells = labgen.solution_functions(sol)
     nb = copy.deepcopy(sol)
     for name in names:
+        if not contract.exercise(stem, name).variants:
+            continue
         cell = nb["cells"][cells[name]]
         src = labgen.source(cell)
         lines = src.split("\n")
@@ -126,7 +128,7 @@ class _Graded:
         return self.cache[key]
 
     def single(self, stem: str) -> str:
-        names = [e.name for e in self.lab(stem).exercises]
+        names = [e.name for e in self.lab(stem).exercises if e.variants]
         return names[int(stem[:2]) % len(names)]
 
 
@@ -163,6 +165,7 @@ def test_untouched_lab_scores_zero(graded, stem):
 
 @pytest.mark.parametrize("stem,name", EXERCISES)
 def test_planted_wrong_answer_loses_with_its_hint(graded, stem, name):
+    assert contract.exercise(stem, name).variants, f"{name} declares no known-wrong variant to plant"
     r = graded.get(stem, "all_planted").exercise(name)
     vname = _first_variant(stem, name)
     hint = contract.exercise(stem, name).variants[vname][1]

@@ -21,13 +21,10 @@
 from __future__ import annotations
 
 import ast
-import json
 import os
 import re
 import secrets
-import selectors
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -37,10 +34,10 @@ from dataclasses import dataclass
 from .. import labgen
 from ..checks import contract
 from . import result as R
+from .session import KernelGone, Session, kill_kernel, plain_launch
 
 STARTUP_GRACE = 120.0  # seconds for the kernel to start (imports) beyond the cells' own limit
 PROBE_GRACE = 15.0  # seconds beyond a probe's own limit before the kernel is killed
-MAX_LINE = 64 * 2 ** 20  # bytes of one protocol line
 
 
 # --------------------------------------------------------------------------
@@ -163,77 +160,6 @@ def structure_notes(lab: Lab, nb: dict) -> list[str]:
 
 
 # --------------------------------------------------------------------------
-# Talking to the runner
-# --------------------------------------------------------------------------
-
-class KernelGone(RuntimeError):
-    pass
-
-
-class Session:
-    """One runner process: send JSON lines, read JSON lines with deadlines."""
-
-    def __init__(self, proc: subprocess.Popen):
-        self.proc = proc
-        self._buf = b""
-        self._sel = selectors.DefaultSelector()
-        self._sel.register(proc.stdout, selectors.EVENT_READ)
-        self._fd = proc.stdout.fileno()
-
-    def send(self, msg: dict) -> None:
-        try:
-            self.proc.stdin.write((json.dumps(msg) + "\n").encode("utf-8"))
-            self.proc.stdin.flush()
-        except (BrokenPipeError, OSError, ValueError) as exc:
-            raise KernelGone("the kernel stopped reading (it exited or was killed)") from exc
-
-    def read(self, timeout: float) -> dict | None:
-        """The next message, ``None`` at the deadline; :class:`KernelGone` at EOF
-        or on a line that is not a JSON object."""
-        end = time.monotonic() + timeout
-        while b"\n" not in self._buf:
-            left = end - time.monotonic()
-            if left <= 0:
-                return None
-            if not self._sel.select(min(left, 1.0)):
-                continue
-            chunk = os.read(self._fd, 1 << 20)
-            if not chunk:
-                raise KernelGone("the kernel exited (it crashed, ran out of memory or time, or called exit)")
-            self._buf += chunk
-            if len(self._buf) > MAX_LINE:
-                raise KernelGone(f"the kernel sent a message over {MAX_LINE // 2 ** 20} MB")
-        line, self._buf = self._buf.split(b"\n", 1)
-        try:
-            msg = json.loads(line.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise KernelGone("the kernel sent something that is not a JSON message") from exc
-        if not isinstance(msg, dict):
-            raise KernelGone("the kernel sent something that is not a JSON message")
-        return msg
-
-    def close(self, kill) -> None:
-        try:
-            self._sel.close()
-        finally:
-            kill(self.proc)
-
-
-def plain_launch(argv, workdir=None, env=None, **_kw) -> subprocess.Popen:
-    """Run the runner as a plain subprocess (no sandbox: trusted notebooks,
-    tests). Same interface as the batch's sandboxed launcher."""
-    from . import sandbox
-
-    return sandbox.launch(argv, workdir, env, sandbox=False)
-
-
-def _kill(proc) -> None:
-    from . import sandbox
-
-    sandbox.kill(proc)
-
-
-# --------------------------------------------------------------------------
 # Reference data, computed here
 # --------------------------------------------------------------------------
 
@@ -344,39 +270,74 @@ def grade_notebook(lab: Lab, nb, *, student: str | None = None, path: str = "", 
            "timeout": options.timeout}
     env = {"KDCOURSE_PROFILE": options.profile, "MPLBACKEND": "Agg",
            "KDCOURSE_CACHE": options.cache or ".kdcourse/cache", "KDCOURSE_DATA": options.data or ".kdcourse/data"}
+    results = {e.name: R.ExerciseResult(e.name, float(e.points)) for e in lab.exercises}
+    state = {"status": "graded", "cell_errors": {}, "stopped": "", "first": True}
+    pending = list(lab.exercises)
+    for attempt_ in range(1 + RESTARTS):
+        try:
+            pending = _kernel_pass(job, env, launch, options, pending, results, where, notes, state)
+        except _StartFailed as exc:
+            return R.not_graded(student, path, lab.exercises, "sandbox failed", f"the kernel did not start ({exc})",
+                                notes, time.monotonic() - t0, sandbox)
+        if not pending or state.get("cells_gone"):
+            break
+        notes.append(f"the kernel was restarted after probing {state['killed_by']} (cells run again)")
+    for name, res in results.items():
+        if name not in state.setdefault("decided", set()) and not res.hint:
+            res.hint = f"not graded: {state.get('gone', 'the kernel stopped')}"
+    return R.NotebookResult(student, path, [results[e.name] for e in lab.exercises], state["status"], notes,
+                            time.monotonic() - t0, sandbox)
+
+
+RESTARTS = 1  # a kernel that dies while probing one exercise is restarted once for the others
+
+
+class _StartFailed(RuntimeError):
+    pass
+
+
+def _kernel_pass(job, env, launch, options, pending, results, where, notes, state) -> list:
+    """One kernel: run the cells, probe ``pending`` exercises in order. Returns
+    the exercises still to probe when the kernel died while probing one
+    (that one gets its hint here), else ``[]``."""
     work = tempfile.mkdtemp(prefix="kdgrade-work-")
     os.chmod(work, 0o777)
-    results = {e.name: R.ExerciseResult(e.name, float(e.points)) for e in lab.exercises}
-    status, session = "graded", None
+    session = None
+    first = state["first"]
+    state["first"] = False
     try:
         try:
             proc = launch([sys.executable, "-m", "kdcourse.grading.runner"], work, env)
         except Exception as exc:
-            return R.not_graded(student, path, lab.exercises, "sandbox failed", f"the kernel did not start ({exc})",
-                                notes, time.monotonic() - t0, sandbox)
+            raise _StartFailed(str(exc)) from exc
         session = Session(proc)
-        cell_errors, stopped, ready = {}, "", None
+        cell_errors = state["cell_errors"]
+        current = None
         try:
             session.send(job)
             end = time.monotonic() + options.timeout + STARTUP_GRACE
+            ready = None
             while ready is None:
                 msg = session.read(max(0.0, end - time.monotonic()))
                 if msg is None:
                     raise KernelGone(f"the notebook's cells ran past the time limit ({options.timeout:g} s) "
                                      f"and the kernel did not stop")
-                if msg.get("event") == "cell":
+                if msg.get("event") == "cell" and first:
                     i = msg.get("index")
                     if msg.get("status") == "error":
                         cell_errors[i] = (str(msg.get("ename", ""))[:60], str(msg.get("evalue", "")))
                     elif msg.get("status") == "timeout":
-                        stopped = f"cell {i} hit the notebook's time limit ({options.timeout:g} s); later cells were skipped"
-                        status = "time limit"
-                        notes.append(stopped)
+                        state["stopped"] = (f"cell {i} hit the notebook's time limit ({options.timeout:g} s); "
+                                            f"later cells were skipped")
+                        state["status"] = "time limit"
+                        notes.append(state["stopped"])
                 elif msg.get("event") == "ready":
                     ready = msg
-            notes.extend(_error_notes(cell_errors))
+            if first:
+                notes.extend(_error_notes(cell_errors))
             rid = 0
-            for ex in lab.exercises:
+            for k, ex in enumerate(pending):
+                current = ex
                 res = results[ex.name]
                 data, hint, extra = {}, "", []
                 for seed in _seeds(ex, options):
@@ -387,7 +348,7 @@ def grade_notebook(lab: Lab, nb, *, student: str | None = None, path: str = "", 
                     if reply is None:
                         raise KernelGone(f"probing {ex.name}, the kernel stopped answering")
                     if reply.get("status") != "ok":
-                        hint, extra = _reply_hint(ex, reply, seed, where, cell_errors, stopped)
+                        hint, extra = _reply_hint(ex, reply, seed, where, cell_errors, state["stopped"])
                         break
                     try:
                         data[seed] = contract.validate(reply.get("data"))
@@ -398,12 +359,19 @@ def grade_notebook(lab: Lab, nb, *, student: str | None = None, path: str = "", 
                     hint, extra = _decide(ex, data)
                 res.hint, res.notes = hint, extra
                 res.earned = 0.0 if hint else res.points
+                state.setdefault("decided", set()).add(ex.name)
+            return []
         except KernelGone as exc:
-            status = "kernel died" if status == "graded" else status
-            notes.append(str(exc))
-            for res in results.values():
-                if not res.hint and res.earned == 0:
-                    res.hint = f"not graded: {exc}"
+            state["gone"] = str(exc)
+            if current is None:  # the cells never finished: nothing to restart for
+                state["cells_gone"] = True
+                state["status"] = "kernel died" if state["status"] == "graded" else state["status"]
+                notes.append(str(exc))
+                return []
+            results[current.name].hint = f"not graded: the kernel died while probing {current.name} ({exc})"
+            notes.append(f"the kernel died while probing {current.name}: {exc}")
+            state["killed_by"] = current.name
+            return pending[pending.index(current) + 1:]
         finally:
             try:
                 session.send({"quit": True})
@@ -411,10 +379,8 @@ def grade_notebook(lab: Lab, nb, *, student: str | None = None, path: str = "", 
                 pass
     finally:
         if session is not None:
-            session.close(_kill)
+            session.close(kill_kernel)
         shutil.rmtree(work, ignore_errors=True)
-    return R.NotebookResult(student, path, [results[e.name] for e in lab.exercises], status, notes,
-                            time.monotonic() - t0, sandbox)
 
 
 def _decide(ex: contract.Exercise, student: dict) -> tuple[str, list]:
