@@ -387,3 +387,20 @@ def test_answer_that_delegates_to_the_reference_scores_zero_with_a_note(tmp_path
         assert e.earned == 0
         assert "reference answer" in e.hint and "own code" in e.hint, e.hint
         assert any("delegates to a reference answer" in n for n in e.notes)
+
+
+def test_labgen_check_names_declaration_problems():
+    """A declared exercise without a solution cell, an exercise cell without a
+    declaration, and points in a cell's metadata that disagree with the
+    declaration each make ``labgen --check`` fail."""
+    names = [e.name for e in contract.exercises_for(1)]
+    block = "    ### BEGIN SOLUTION\n    return 1\n    ### END SOLUTION\n"
+    nb = {"cells": [{"cell_type": "code", "source": f"def {names[0]}(logits, T):\n" + block,
+                     "metadata": {"kdcourse": {"points": 3}}},
+                    {"cell_type": "code", "source": "def not_declared(x):\n" + block, "metadata": {}}],
+          "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+    problems = " | ".join(labgen.declaration_problems(nb, "01_classic_kd"))
+    assert f"exercise {names[1]!r} is declared" in problems
+    assert "'not_declared', which kdcourse.checks.lab1.EXERCISES does not declare" in problems
+    assert "kdcourse.points = 3" in problems
+    assert labgen.declaration_problems(labgen.read(os.path.join(SOLUTIONS, "01_classic_kd.ipynb")), "01_classic_kd") == []
