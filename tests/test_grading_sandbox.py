@@ -281,3 +281,23 @@ def test_kill_all_stops_every_live_kernel(copy):
     sandbox.kill_all()
     assert all(p.poll() is not None for p in procs)
     assert sandbox._LIVE == set()
+
+
+def test_every_labs_declarations_make_a_grading_copy_and_a_class_answer_refuses():
+    from kdcourse.checks import contract
+
+    labs = [n for n in range(1, 10) if contract.exercises_for(n)]
+    assert len(labs) >= 5
+    for n in labs:
+        ex = contract.exercises_for(n)
+        refuse = [f for e in ex for f in e.refused_functions()]
+        with sandbox.GradingCopy.make(refuse=refuse, quiet=[e.check for e in ex]) as c:
+            assert sum(map(len, c.replaced.values())) >= len(refuse) > 0, n
+    classes = [f for n in labs for e in contract.exercises_for(n) for f in e.refused_functions() if isinstance(f, type)]
+    if classes:
+        cls = classes[0]
+        with sandbox.GradingCopy.make(refuse=[cls]) as c:
+            rc = subprocess.run([sys.executable, "-c", f"import {cls.__module__} as m\ntry:\n    m.{cls.__name__}()\n"
+                                 f"except RuntimeError as e:\n    print(e)"], capture_output=True, text=True,
+                                env={**os.environ, "PYTHONPATH": c.root}, cwd=c.root, timeout=120)
+            assert sandbox.REFUSAL_MARK in rc.stdout, rc.stderr[-1000:]

@@ -132,9 +132,18 @@ def _replace_defs(source: str, replacements: dict[str, str], filename: str) -> s
                 raise ValueError(f"{filename}: no definition of {qualname!r} to replace")
             node = found[-1]
             scope = node.body
-        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            raise ValueError(f"{filename}: {qualname!r} is not a function")
         indent = " " * node.col_offset
+        if isinstance(node, ast.ClassDef):  # a class answer (an nn.Module): its body becomes a refusing __init__
+            first = node.body[0]
+            start = first.lineno if not (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)) \
+                else first.end_lineno + 1
+            if start <= node.lineno:  # a one-line class: keep its header only
+                raise ValueError(f"{filename}: class {qualname!r} is written on one line; the grading copy cannot "
+                                 f"replace its body")
+            new = [f"{indent}    def __init__(self, *args, **kwargs):"] + \
+                  [f"{indent}        {b}" for b in body.split("\n")]
+            spans.append((start, node.end_lineno, new))
+            continue
         new = [f"{indent}def {node.name}(*args, **kwargs):"] + [f"{indent}    {b}" for b in body.split("\n")]
         spans.append((node.lineno, node.end_lineno, new))
     for start, end, new in sorted(spans, reverse=True):
@@ -146,7 +155,8 @@ class GradingCopy:
     """A read-only copy of the package for the kernels of one batch.
 
     ``refuse``: package functions (the exercises' references) whose bodies
-    become ``raise RuntimeError("... refuses to run while grading ...")``;
+    become ``raise RuntimeError("... refuses to run while grading ...")``
+    (a class: its whole body becomes an ``__init__`` that raises);
     ``quiet``: the visible checks, whose bodies become a printed line and
     ``return True``. :attr:`root` is the folder to put on ``PYTHONPATH``
     (it holds ``kdcourse/``); :meth:`remove` deletes it."""
