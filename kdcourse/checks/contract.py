@@ -51,7 +51,11 @@ plain data ever reaches the grader. So a probe must
 * return observations rich enough that producing them without doing the
   exercise is as hard as doing it (values on seeded inputs, not only a
   verdict);
-* never call the reference itself (it refuses to run in the grading kernel).
+* never call, in the kernel, any function the lab refuses: every exercise's
+  reference and ``refuse`` list refuse lab-wide in the grading kernel (the
+  grading copy of the package has their bodies replaced), so a probe, and
+  a solution, of one exercise must not depend on another exercise's
+  reference either (build inputs with hooks or small modules of your own).
 
 Fields of :class:`Exercise`:
 
@@ -461,8 +465,8 @@ def variant(lab, name: str, variant_name: str) -> Callable:
 # --------------------------------------------------------------------------
 
 def _refusal_code(qualname: str) -> types.CodeType:
-    src = (f"def refused(*args, **kwargs):\n"
-           f"    raise __import__('kdcourse.checks.contract', fromlist=['ReferenceRefused']).ReferenceRefused({qualname!r})\n")
+    msg = f"{qualname} is the reference answer of an exercise; it {REFUSAL_MARK} (the exercise must be the student's own code)"
+    src = f"def refused(*args, **kwargs):\n    raise RuntimeError({msg!r})\n"
     ns: dict = {}
     exec(compile(src, "<refused reference>", "exec"), ns)
     return ns["refused"].__code__
