@@ -18,8 +18,9 @@ import torch
 
 from .. import data, models, runtime
 from .. import features as fx
-from ..feature_kd import (LAB2_METHODS, LAB2_WEIGHT_KEYS, FeatureDistill, Term, clear_teacher_cache, lab2_objective,
-                          lab_settings)
+from ..distill.features import FeatureDistill, Term
+from ..recipes.lab2 import LAB2_METHODS, LAB2_WEIGHT_KEYS, lab2_objective, lab_settings
+from ..teacher_cache import clear_teacher_cache
 from ..losses import relation
 from ..profiles import get_profile
 from ..train import fit, freeze
@@ -41,14 +42,22 @@ def objectives(teacher, weights: dict, crd_k: int = 4096) -> dict:
 
 
 def planned_runs(cfg: dict, n_seeds: int) -> dict:
-    """Student runs of each method in the lab notebook: one per seed, plus the
-    weight choice (one seed per extra candidate: the chosen one is the first
-    seed's run), plus the hint-layer sweep (layer1, layer3, channel means)."""
+    """Student runs of each method in the lab notebook at the lab's budget:
+    one per seed, plus the weight choice (one seed per extra candidate: the
+    chosen one is the first seed's run), plus the hint sweep (layer1,
+    layer3, the weighted three-layer hint, channel means). The notebook also
+    trains scratch and response KD once per seed at Lab 1's budget (see
+    ``lab1_budget_runs``)."""
     plan = {m: n_seeds for m in LAB2_METHODS}
     for m in LAB2_WEIGHT_KEYS:
         plan[m] += len(cfg["weight_scales"]) - 1
-    plan["feature (FitNets)"] += 3 * cfg["sweep_seeds"]
+    plan["feature (FitNets)"] += 4 * cfg["sweep_seeds"]
     return plan
+
+
+def lab1_budget_runs(n_seeds: int) -> dict:
+    """The notebook's "is it the budget?" runs: scratch and response KD, one per seed, at Lab 1's budget."""
+    return {"scratch": n_seeds, "response (KD)": n_seeds}
 
 
 PARTS = ("cost", "notebook", "smoke")
@@ -127,6 +136,11 @@ def _costs(profile: str, repeats: int) -> None:
     total = sum(per_epoch[m] * k * cfg["epochs"] for m, k in plan.items())
     print(f"\n4. the lab trains {sum(plan.values())} students x {cfg['epochs']} epochs on {len(train)} images in batches of {bs}: "
           f"about {total:.0f} s of training on this machine (+ teacher pass {cache_s:.0f} s, data, the toy detector)")
+    extra = lab1_budget_runs(len(prof.seeds))
+    scale = (len(ds.train) / len(train)) * prof.student_epochs
+    lab1 = sum(per_epoch[m] * k * scale for m, k in extra.items())
+    print(f"   plus {sum(extra.values())} students at Lab 1's budget ({len(ds.train)} images x {prof.student_epochs} epochs, "
+          f"batches of {prof.batch_size}): about {lab1:.0f} s if an image costs the same in larger batches (an upper bound)")
     print(f"\ncost benchmark wall time {time.perf_counter() - t0:.0f} s", flush=True)
 
 

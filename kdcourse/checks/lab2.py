@@ -1001,9 +1001,41 @@ def _reference_info_nce(student, teacher, temperature=0.1):
 
 __all__ = ["check_feature_extractor", "check_hint_loss", "check_attention_transfer", "check_rkd_distance",
            "check_fitnets", "check_fitnets_parameters", "check_sp_loss", "check_info_nce",
-           "FITNETS_VARIANTS", "FITNETS_PARAMETER_VARIANTS",
+           "FITNETS_VARIANTS", "FITNETS_PARAMETER_VARIANTS", "self_test_questions",
            "HINT_VARIANTS", "AT_VARIANTS", "RKD_VARIANTS", "SP_VARIANTS", "INFO_NCE_VARIANTS"]
 
+
+# --------------------------------------------------------------------------
+# The end-of-lab self-test (checked in the notebook, never graded)
+# --------------------------------------------------------------------------
+
+def self_test_questions(cfg: dict, fitnets, scratch) -> list:
+    """Lab 2's self-test: three questions on the mechanics, two read from this
+    run (``cfg``: the lab's settings; ``fitnets``, ``scratch``: Summaries)."""
+    from .. import lesson
+
+    gain = round(100 * (fitnets.mean - scratch.mean), 1)
+    return [
+        lesson.Choice("optimiser", "Which parameters must the optimiser get when you train with FitNets?",
+                      ["the student's only", "the student's and the regressors'",
+                       "the student's, the regressors' and the teacher's"], "the student's and the regressors'",
+                      "the regressors are trained with the student (left out, they stay random); the teacher is "
+                      "frozen — Exercise 4."),
+        lesson.Numeric("regressor_weights", "A student layer with 32 channels is hinted by a teacher layer with 128 "
+                       "channels. How many numbers (weights and biases) does the 1x1 regressor learn?",
+                       32 * 128 + 128, 0.0, "nn.Conv2d(32, 128, 1) has 128 x 32 x 1 x 1 weights and 128 biases."),
+        lesson.Choice("sp_rescale", "Multiply one sample's student features by 3. Which loss changes?",
+                      ["the cosine-matrix loss only", "SP (row-normalised Gram) only", "both", "neither"],
+                      "SP (row-normalised Gram) only",
+                      "cosines ignore each sample's length; in G = F F^T the sample's column is scaled in every other "
+                      "row, and row-normalising those rows does not undo it (the cell after Exercise 7 computes it)."),
+        lesson.Numeric("negatives", "With this lab's batches, how many negatives does in-batch InfoNCE score each "
+                       "anchor against?", cfg["batch_size"] - 1, 0.0,
+                       f"the other images of the batch: batch size {cfg['batch_size']} minus the positive."),
+        lesson.Numeric("fitnets_gain", "By how many points (mean over seeds) did FitNets beat scratch in your section 6 "
+                       "table? (negative if it fell below)", gain, 0.11,
+                       f"read the 'vs scratch' column of the FitNets row: {gain:+.1f} in this run."),
+    ]
 
 # --------------------------------------------------------------------------
 # Declarations (kdcourse.checks.contract): what the grader probes

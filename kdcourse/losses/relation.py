@@ -7,7 +7,7 @@ two networks' widths need not match and no regressor is needed.
 
 * :func:`rkd_distance` — RKD distance-wise (Park et al. 2019,
   arXiv:1904.05068): pairwise Euclidean distances, each side divided by the
-  mean of its non-zero distances, compared with the Huber loss.
+  mean of its distances over all pairs i != j, compared with the Huber loss.
 * :func:`rkd_angle` — RKD angle-wise: the cosine of the angle at every
   vertex j of every triplet (i, j, k), compared with the Huber loss. (A
   reference chapter's "angle-wise" loss is a Gram-matrix loss, not this.)
@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from . import _validate
 
 EPS = 1e-12
 
@@ -60,22 +62,25 @@ def pairwise_distances(e: torch.Tensor, eps: float = EPS) -> torch.Tensor:
 
 
 def normalized_distances(e: torch.Tensor, eps: float = EPS) -> torch.Tensor:
-    """psi_D: pairwise distances divided by the mean of the non-zero ones.
+    """psi_D: pairwise distances divided by mu, their mean over all pairs i != j.
 
-    (Not by the maximum: one outlier pair would shrink every other distance.)
-    All-equal rows give an all-zero matrix.
+    mu averages every off-diagonal pair, as the RKD paper defines it (eq. 4).
+    A duplicate pair (squared distance <= ``eps``) counts at distance
+    ``sqrt(eps)`` = 1e-6, in mu and in psi, as the authors' code does (it
+    clamps squared distances to 1e-12 before the square root); the value is
+    a constant there (zero gradient). (Not divided by the maximum: one
+    outlier pair would shrink every other distance.)
     """
     d = pairwise_distances(e, eps)
-    nz = d > 0
-    if not bool(nz.any()):
-        return d
-    return d / d[nz].mean()
+    off = ~torch.eye(d.shape[0], dtype=torch.bool, device=d.device)
+    d = torch.where(off & (d == 0), torch.full_like(d, eps ** 0.5), d)
+    return d / d[off].mean()
 
 
 def rkd_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """RKD distance-wise loss.
 
-        psi_D(x_i, x_j) = ||x_i - x_j||_2 / mu,   mu = mean of ||x_k - x_l||_2 over pairs with a non-zero distance
+        psi_D(x_i, x_j) = ||x_i - x_j||_2 / mu,   mu = mean of ||x_k - x_l||_2 over all pairs k != l
         L = mean_{i,j} huber( psi_D(s_i, s_j) - psi_D(t_i, t_j) )
 
     Huber (smooth L1) with delta = 1; the mean runs over all B^2 ordered
@@ -101,6 +106,9 @@ def _safe_unit(d: torch.Tensor, eps: float = EPS) -> torch.Tensor:
     pos = sq > eps
     norm = sq.where(pos, torch.ones_like(sq)).sqrt()
     return torch.where(pos, d / norm, torch.zeros_like(d))
+
+
+safe_unit = _safe_unit  # public name: Lab 2 compares it with F.normalize and v / v.norm() on a zero vector
 
 
 def triplet_angles(e: torch.Tensor, eps: float = EPS) -> torch.Tensor:
@@ -196,8 +204,7 @@ def batch_similarity_kl(student_logits: torch.Tensor, teacher_logits: torch.Tens
     Returns:
         scalar tensor.
     """
-    if not isinstance(tau, (int, float)) or isinstance(tau, bool) or tau <= 0:
-        raise ValueError(f"tau must be a number > 0, got {tau!r}")
+    tau = _validate.temperature(tau, name="tau", typical="0.1-1")
     s, t = _check_pair(student_logits, teacher_logits)
     if normalize:
         s, t = F.normalize(s, dim=1), F.normalize(t, dim=1)
@@ -210,6 +217,7 @@ def similarity_entropy(logits: torch.Tensor, tau: float = 0.5, normalize: bool =
     """Mean entropy (nats) of the rows of softmax(z z^T / tau) — log(B) is
     uniform over the batch, 0 is one-hot. A diagnostic for
     :func:`batch_similarity_kl`."""
+    tau = _validate.temperature(tau, name="tau", typical="0.1-1")
     z = logits.detach().flatten(1)
     if normalize:
         z = F.normalize(z, dim=1)
