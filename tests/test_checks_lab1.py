@@ -284,3 +284,34 @@ def test_every_new_exercise_is_declared_once_with_refused_references():
     assert names == ["soft_targets", "kd_loss"] + NEW
     for name in NEW:
         assert ex(name).reference in ex(name).refused_functions()
+
+
+# ------------------------------------------------------------ the first two exercises' checks, upgraded
+
+def test_soft_targets_and_kd_loss_checks_name_in_place_changes():
+    def soft_inplace(logits, T):
+        logits /= T
+        return torch.softmax(logits, -1)
+
+    def kd_inplace(s, t, y, T=4.0, alpha=0.9):
+        t /= T
+        return alpha * T * T * F.kl_div(F.log_softmax(s / T, -1), F.softmax(t, -1), reduction="batchmean") + \
+            (1 - alpha) * F.cross_entropy(s, y)
+
+    with pytest.raises(CheckFailed, match="changed its input logits in place"):
+        checks.check_soft_targets(soft_inplace)
+    with pytest.raises(CheckFailed, match="changed its input teacher_logits in place"):
+        checks.check_kd_loss(kd_inplace)
+
+
+def test_soft_targets_check_feeds_every_promised_shape():
+    # right on (N, C), wrong on (C,) and (A, B, C): dim=1 is not the last dimension
+    with pytest.raises(CheckFailed):
+        checks.check_soft_targets(lambda logits, T: torch.softmax(logits / T, dim=1))
+
+
+def test_kd_loss_check_compares_the_gradient_not_only_the_value(capsys):
+    fn, hint = checks.KD_LOSS_VARIANTS["student_detached"]
+    with pytest.raises(CheckFailed) as err:
+        checks.check_kd_loss(fn)
+    assert hint in str(err.value) and "✓" not in capsys.readouterr().out  # no ✓ line before the failure
