@@ -211,7 +211,7 @@ import math  # noqa: E402
 
 import torch.nn as nn  # noqa: E402
 
-from kdcourse import runs  # noqa: E402
+from kdcourse import models, runs  # noqa: E402
 from kdcourse.checks import contract  # noqa: E402
 from kdcourse.distill.self import ExitDistillation  # noqa: E402
 from kdcourse.models.heads import DeepSupervision  # noqa: E402
@@ -434,3 +434,57 @@ def test_side_by_side_marks_what_a_column_did_not_run():
                              "noisy": [runs.compare_row(s, s, "scratch")]})
     assert [r["method"] for r in t] == ["scratch", "only clean"]
     assert t[1]["noisy: test acc (%)"] == "not run" and t[0]["noisy: reading"] == "baseline"
+
+
+# ---- the runners the notebook calls with the student's functions ------------------------------
+
+from kdcourse import data as D  # noqa: E402
+
+SPEC = {"arch": "cnn", "widths": (4, 8, 8)}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return D.shapes(96, 32, 48, seed=5)
+
+
+def test_run_born_again_tuned_reuses_generation_1_and_chooses_on_validation(tiny):
+    kw = dict(epochs=1, lr=1e-2, progress=False)
+    scratch = runs.train_run("scratch", SPEC, tiny, seed=0, keep_model=True, **kw)
+    seen = []
+
+    def loop(new_model, train, val_acc, candidates, generations=3, alpha=0.5):
+        out = recipe.born_again_tuned(new_model, train, val_acc, candidates, generations, alpha)
+        seen.append(val_acc(out[0][0]))
+        return out
+
+    temps, rows = recipe.run_born_again_tuned(SPEC, tiny, candidates=(1.0, 4.0), generations=3, alpha=0.5, seed=0,
+                                              loop=loop, reuse=scratch, **kw)
+    assert len(temps) == 2 and [r["generation"] for r in rows] == [2, 2, 3, 3]
+    assert seen[0] == pytest.approx(scratch.val_acc)  # generation 1 is the scratch run, copied
+    for g, T in zip((2, 3), temps):  # the kept T has the best validation accuracy of its generation
+        best = max((r for r in rows if r["generation"] == g), key=lambda r: r["val_acc"])
+        assert best["T"] == T
+    assert all(0 <= r["entropy_bits"] <= 3.33 for r in rows)
+
+
+def test_run_mutual_in_turn_trains_every_seed_and_starts_peer_1_like_scratch(tiny):
+    res = recipe.run_mutual_in_turn(SPEC, tiny, seeds=(0, 1), peers=2, epochs=1, lr=1e-2)
+    assert len(res.peer_acc) == 2 and all(len(a) == 2 for a in res.peer_acc)
+    assert res.mean_peer().n == 2 and 0 <= res.ensemble().mean <= 1
+    # with a step that changes nothing, peer 1 keeps the initial weights of the seed's scratch network
+    from kdcourse import runtime
+    idle = recipe.run_mutual_in_turn(SPEC, tiny, seeds=(1,), peers=2, epochs=1, lr=1e-2, step=lambda *a, **k: None)
+    runtime.seed_everything(1)
+    first = models.build(SPEC, tiny.num_classes)
+    for k, v in first.state_dict().items():
+        assert torch.equal(v, idle.runs[0].model[0].state_dict()[k].cpu())
+    with pytest.raises(ValueError, match="peers must be"):
+        recipe.run_mutual_in_turn(SPEC, tiny, seeds=(0,), peers=1, epochs=1, lr=1e-2)
+
+
+def test_run_deep_supervision_with_the_reference_loss_equals_exit_distillation(tiny):
+    kw = dict(seeds=(0,), epochs=1, lr=1e-2, T=2.0, alpha=0.5, progress=False)
+    a = recipe.run_deep_supervision(SPEC, tiny, **kw)
+    b = recipe.run_deep_supervision(SPEC, tiny, loss=recipe.deep_supervision_loss, **kw)
+    assert a.acc["final"] == pytest.approx(b.acc["final"], abs=1.5 / len(tiny.test))
