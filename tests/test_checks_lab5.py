@@ -198,3 +198,98 @@ def test_static_int8_rejects_mistakes(float_model, ds, variant, hint):
         q = deploy.quantize_static_onnx(of, out, calib)
     with pytest.raises(CheckFailed, match=hint):
         lab5.check_static_int8(q, f, calib)
+
+
+# --------------------------------------------------------------------------
+# Affine quantization by hand (kdcourse.checks.lab5_quant)
+# --------------------------------------------------------------------------
+
+import numpy as _np  # noqa: E402
+
+from kdcourse.checks import contract as _contract  # noqa: E402
+from kdcourse.checks import lab5_quant as _quant  # noqa: E402
+
+
+def _my_qparams(x_min, x_max, qmin, qmax):
+    """Written another way: NumPy, Python ints for the zero point."""
+    lo = _np.minimum(_np.asarray(x_min, dtype=_np.float64), 0.0)
+    hi = _np.maximum(_np.asarray(x_max, dtype=_np.float64), 0.0)
+    scale = (hi - lo) / float(qmax - qmin)
+    empty = scale == 0
+    scale = _np.where(empty, 1.0, scale)
+    zp = _np.where(empty, 0, _np.rint(qmin - lo / scale)).astype(_np.int64)
+    return scale, zp
+
+
+def _my_fake_quantize(x, scale, zero_point, qmin, qmax, axis=None):
+    """Written another way: move the channel axis last and broadcast there."""
+    if axis is None:
+        q = torch.clamp(torch.round(x / float(scale)) + int(zero_point), qmin, qmax)
+        return q.long(), (q - int(zero_point)) * float(scale)
+    xt = x.movedim(axis, -1)
+    s = torch.as_tensor(scale, dtype=x.dtype)
+    z = torch.as_tensor(zero_point).to(x.dtype)
+    q = torch.clamp(torch.round(xt / s) + z, qmin, qmax)
+    return q.movedim(-1, axis).long(), ((q - z) * s).movedim(-1, axis)
+
+
+def test_quant_checks_accept_reference_and_other_correct_versions(capsys):
+    assert lab5.check_qparams(_quant.qparams) and lab5.check_qparams(_my_qparams)
+    assert lab5.check_fake_quantize(_quant.fake_quantize) and lab5.check_fake_quantize(_my_fake_quantize)
+    assert capsys.readouterr().out.count("✓") == 4
+
+
+@pytest.mark.parametrize("name", sorted(_quant.QPARAMS_VARIANTS))
+def test_qparams_check_names_each_variant(name):
+    fn, hint = _quant.QPARAMS_VARIANTS[name]
+    with pytest.raises(CheckFailed) as err:
+        lab5.check_qparams(fn)
+    assert hint in str(err.value)
+
+
+@pytest.mark.parametrize("name", sorted(_quant.FAKE_QUANTIZE_VARIANTS))
+def test_fake_quantize_check_names_each_variant(name):
+    fn, hint = _quant.FAKE_QUANTIZE_VARIANTS[name]
+    with pytest.raises(CheckFailed) as err:
+        lab5.check_fake_quantize(fn)
+    assert hint in str(err.value)
+
+
+@pytest.mark.parametrize("name,variant", [("qparams", v) for v in sorted(_quant.QPARAMS_VARIANTS)]
+                         + [("fake_quantize", v) for v in sorted(_quant.FAKE_QUANTIZE_VARIANTS)])
+def test_grader_names_each_quant_variant_from_plain_data(name, variant):
+    ex = _contract.exercise(5, name)
+    student = {s: _contract.run_probe(ex, ex.variants[variant][0], s) for s in ex.hidden_seeds}
+    for data in student.values():
+        _contract.validate(data)
+    ref = {s: _contract.run_probe(ex, ex.reference, s) for s in ex.hidden_seeds}
+    verdict = _contract.diagnose_data(ex, student, ref, lambda v, s: _contract.run_probe(ex, ex.variants[v][0], s))
+    assert not verdict.ok and verdict.variant == variant
+    mine = _my_qparams if name == "qparams" else _my_fake_quantize
+    assert _contract.diagnose_data(ex, {s: _contract.run_probe(ex, mine, s) for s in ex.hidden_seeds}, ref).ok
+
+
+def test_reference_quantization_against_float64_oracle():
+    # an independent re-derivation: every value of [x_min, x_max] lands within scale / 2 of its dequantized value
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(1000, generator=g, dtype=torch.float64) * 5 - 2
+    scale, zp = _quant.qparams(float(x.min()), float(x.max()), 0, 255)
+    assert float(scale) == pytest.approx((float(x.max()) - float(x.min())) / 255)
+    q, x_hat = _quant.fake_quantize(x, scale, zp, 0, 255)
+    assert int(q.min()) >= 0 and int(q.max()) <= 255
+    assert float((x - x_hat).abs().max()) <= float(scale) / 2 + 1e-12
+    _, zero = _quant.fake_quantize(torch.zeros(1, dtype=torch.float64), scale, zp, 0, 255)
+    assert float(zero) == 0.0  # 0 is represented exactly
+    # symmetric int8 as ONNX Runtime computes weight scales: absmax / 127, zero point 0
+    s, z = _quant.qparams(-3.0, 3.0, -127, 127)
+    assert float(s) == pytest.approx(3.0 / 127) and int(z) == 0
+
+
+def test_quant_inplace_change_is_named():
+    def divides_in_place(x, scale, zero_point, qmin, qmax, axis=None):
+        out = _quant.fake_quantize(x.clone(), scale, zero_point, qmin, qmax, axis)
+        x.mul_(0)
+        return out
+
+    with pytest.raises(CheckFailed, match="in place"):
+        lab5.check_fake_quantize(divides_in_place)

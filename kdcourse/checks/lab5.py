@@ -654,3 +654,18 @@ EXERCISES = [
                       reference=reference_quantize_student, variants=QUANTIZE_VARIANTS, hidden_seeds=(0, 1),
                       compare=compare_quantized, refuse=(deploy_quantize_static_onnx,), timeout=120.0),
 ]
+
+# Affine quantization by hand (kdcourse.checks.lab5_quant), in notebook order after latency_ms.
+from .lab5_quant import (FAKE_QUANTIZE_VARIANTS, QPARAMS_VARIANTS, check_fake_quantize,  # noqa: E402,F401
+                         check_qparams, probe_fake_quantize, probe_qparams)
+from .lab5_quant import fake_quantize as reference_fake_quantize  # noqa: E402
+from .lab5_quant import qparams as reference_qparams  # noqa: E402
+
+EXERCISES[2:2] = [
+    contract.Exercise(name="qparams", points=1.0, check=check_qparams, probe=probe_qparams,
+                      reference=reference_qparams, variants=QPARAMS_VARIANTS, hidden_seeds=tuple(range(6)),
+                      rtol=1e-9, atol=1e-12),
+    contract.Exercise(name="fake_quantize", points=1.0, check=check_fake_quantize, probe=probe_fake_quantize,
+                      reference=reference_fake_quantize, variants=FAKE_QUANTIZE_VARIANTS, hidden_seeds=tuple(range(6)),
+                      rtol=1e-9, atol=1e-12),
+]
