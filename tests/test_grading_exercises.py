@@ -56,12 +56,22 @@ def _first_variant(stem: str, name: str) -> str:
     return next(iter(contract.exercise(stem, name).variants))
 
 
-def planted(stem: str, names) -> dict:
+def planted(stem: str, names, trim: bool = False) -> dict:
     """The solution, with each exercise in ``names`` replaced (right after
-    its definition) by its first known-wrong variant."""
+    its definition) by its first known-wrong variant. ``trim``: only the
+    parameters cell, the imports cell and the exercise cells (the variants
+    need nothing else)."""
     sol = labgen.read(os.path.join(SOLUTIONS, stem + ".ipynb"))
     cells = labgen.solution_functions(sol)
     nb = copy.deepcopy(sol)
+    if trim:
+        code = [i for i, c in enumerate(nb["cells"]) if c["cell_type"] == "code"]
+        params = next((i for i in code if "parameters" in nb["cells"][i].get("metadata", {}).get("tags", [])), None)
+        imports = next(i for i in code if i != params)
+        keep = {params, imports} | set(cells.values())
+        index = {old: new for new, old in enumerate(sorted(k for k in keep if k is not None))}
+        nb["cells"] = [nb["cells"][i] for i in sorted(index)]
+        cells = {n: index[i] for n, i in cells.items()}
     for name in names:
         if not contract.exercise(stem, name).variants:
             continue
@@ -116,7 +126,7 @@ class _Graded:
             elif kind == "lab":
                 path = os.path.join(LABS, stem + ".ipynb")
             elif kind == "all_planted":
-                path = _write(planted(stem, [e.name for e in lab.exercises]), self.tmp / f"{stem}-all.ipynb")
+                path = _write(planted(stem, [e.name for e in lab.exercises], trim=True), self.tmp / f"{stem}-all.ipynb")
             else:
                 path = _write(planted(stem, [self.single(stem)]), self.tmp / f"{stem}-one.ipynb")
             launch, label, copy_ = release.launcher_for(lab, OPTIONS)
@@ -181,14 +191,27 @@ def test_a_single_planted_wrong_answer_loses_only_that_exercise(graded, stem):
     assert [e.name for e in r.exercises if not e.full] == [wrong], [(e.name, e.hint) for e in r.exercises]
 
 
-def test_release_command_reports_each_notebook(graded, capsys):
-    """``kdcourse grade --release`` for the first lab (the others are the
-    cases above): one line per notebook and exit 0."""
-    stem, sol, lab = TARGETS[0]
-    verdicts = release.check_lab(stem, sol, lab, OPTIONS, progress=print)
+def test_release_command_reports_each_notebook_and_fails_on_a_wrong_solution(graded, capsys, monkeypatch):
+    """``kdcourse grade --release`` prints one line per notebook and exits 0
+    when every solution is full and every lab zero, 1 otherwise (the grading
+    itself is the cases above: their results are reused)."""
+    stem = STEMS[0]
+
+    def fake_grade(lab, path, wrong=False, **kw):
+        if os.path.dirname(path) == LABS:
+            return graded.get(stem, "lab")
+        return graded.get(stem, "one_planted" if wrong else "solution")
+
+    import argparse
+
+    monkeypatch.setattr(release, "targets", lambda *a: [TARGETS[0]])
+    monkeypatch.setattr(grade, "grade_notebook", fake_grade)
+    assert release.main(argparse.Namespace(no_sandbox=True)) == 0
     out = capsys.readouterr().out
-    assert [v.ok for v in verdicts] == [True, True], out
-    assert "full marks" in out and "zero" in out
+    assert "full marks" in out and "zero" in out and "2 of 2 passed" in out
+    monkeypatch.setattr(grade, "grade_notebook", lambda lab, path, **kw: fake_grade(lab, path, wrong=True))
+    assert release.main(argparse.Namespace(no_sandbox=True)) == 1
+    assert "FAIL" in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------
