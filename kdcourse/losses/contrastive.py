@@ -27,19 +27,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import _validate
+
 
 def _check_emb(name: str, x) -> torch.Tensor:
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim != 2:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"{name} must be a floating-point (B, D) tensor of embeddings, got {shape}; "
                          f"pool feature maps first, e.g. x.mean(dim=(2, 3))")
-    return x
+    return _validate.batch(name, x)
 
 
 def _check_temperature(temperature) -> float:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature <= 0:
-        raise ValueError(f"temperature must be a number > 0 (typical: 0.07-0.5), got {temperature!r}")
-    return float(temperature)
+    return _validate.temperature(temperature, name="temperature", typical="0.07-0.5")
 
 
 def info_nce(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:

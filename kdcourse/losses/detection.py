@@ -34,6 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import _validate
+
 
 def _check(name: str, x, ndim: int, last: int | None = None) -> torch.Tensor:
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
@@ -41,13 +43,11 @@ def _check(name: str, x, ndim: int, last: int | None = None) -> torch.Tensor:
     if x.ndim != ndim or (last is not None and x.shape[-1] != last):
         want = {3: "(B, A, C)" if last is None else f"(B, A, {last})", 4: "(B, C, H, W)"}[ndim]
         raise ValueError(f"{name} must have shape {want}, got {tuple(x.shape)}")
-    return x
+    return _validate.batch(name, x)
 
 
 def _check_T(T) -> float:
-    if isinstance(T, bool) or not isinstance(T, (int, float)) or T <= 0:
-        raise ValueError(f"T (temperature) must be a number > 0, got {T!r}")
-    return float(T)
+    return _validate.temperature(T, typical="1-4")
 
 
 def _check_mask(mask, shape) -> torch.Tensor:
@@ -76,7 +76,9 @@ def classification_kd(student_cls: torch.Tensor, teacher_cls: torch.Tensor, T: f
         student_cls, teacher_cls: (B, A, C) logits (teacher detached).
         T: temperature > 0.
         mask: optional (B, A) anchor weights (e.g. 1 for anchors to distil);
-            the mean then runs over the masked anchors.
+            the loss is then ``sum(w * L_anchor) / max(1, sum(w))``: for a
+            0/1 mask the mean over the masked anchors, and 0 when no anchor
+            is masked (weights summing to less than 1 are not renormalised).
     Returns:
         scalar tensor.
     """

@@ -39,6 +39,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import _validate
+
 
 def _check_feature(name: str, x, ndims=(2, 4)) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
@@ -48,6 +50,7 @@ def _check_feature(name: str, x, ndims=(2, 4)) -> torch.Tensor:
     if x.ndim not in ndims:
         want = " or ".join({2: "(B, D)", 4: "(B, C, H, W)"}[d] for d in ndims)
         raise ValueError(f"{name} must have shape {want}, got {tuple(x.shape)}")
+    _validate.batch(name, x)
     return x
 
 

@@ -46,13 +46,14 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .response import _check_logits, _check_temperature
+from . import _validate
+
+from ._validate import logits as _check_logits
+from ._validate import temperature as _check_temperature
 
 
 def _check_alpha(alpha) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be a number in [0, 1] (weight of the peer term), got {alpha!r}")
-    return float(alpha)
+    return _validate.alpha(alpha, what="weight of the peer term")
 
 
 def _check_group(name: str, logits: Sequence[torch.Tensor], min_k: int) -> list[torch.Tensor]:
@@ -74,12 +75,8 @@ def _check_group(name: str, logits: Sequence[torch.Tensor], min_k: int) -> list[
     return list(logits)
 
 
-def _check_labels(labels, n: int) -> torch.Tensor:
-    if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32):
-        raise ValueError("labels must be an int64 tensor of class indices, shape (N,)")
-    if labels.shape != (n,):
-        raise ValueError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
-    return labels.long()
+def _check_labels(labels, n: int, num_classes: int | None = None) -> torch.Tensor:
+    return _validate.labels(labels, n, num_classes)
 
 
 def peer_kl(logits: torch.Tensor, peer_logits: torch.Tensor, T: float = 1.0) -> torch.Tensor:
@@ -120,7 +117,7 @@ def mutual_learning_losses(
     """
     logits = _check_group("peer_logits", peer_logits, min_k=2)
     T, alpha = _check_temperature(T), _check_alpha(alpha)
-    labels = _check_labels(labels, logits[0].shape[0])
+    labels = _check_labels(labels, logits[0].shape[0], logits[0].shape[1])
     K = len(logits)
     out = []
     for k, z in enumerate(logits):

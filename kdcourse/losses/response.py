@@ -17,33 +17,14 @@ section 2).
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
-
-def _check_temperature(T) -> float:
-    if isinstance(T, torch.Tensor):
-        if T.numel() != 1:
-            raise ValueError(f"T must be a positive scalar, got a tensor of shape {tuple(T.shape)}")
-        T = float(T)
-    if not isinstance(T, (int, float)) or isinstance(T, bool) or not math.isfinite(T) or T <= 0:
-        raise ValueError(f"T (temperature) must be a finite number > 0, got {T!r}")
-    return float(T)
+from . import _validate
 
 
-def _check_logits(name: str, logits) -> torch.Tensor:
-    if not isinstance(logits, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor of shape (N, C), got {type(logits).__name__}")
-    if logits.ndim != 2:
-        raise ValueError(
-            f"{name} must have shape (N, C), got {tuple(logits.shape)}; "
-            f"flatten extra dimensions first, e.g. {name}.reshape(-1, {name}.shape[-1])"
-        )
-    if not logits.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor, got dtype {logits.dtype}")
-    return logits
+_check_temperature = _validate.temperature  # old private names, kept for callers
+_check_logits = _validate.logits
 
 
 def soft_targets(logits: torch.Tensor, T: float = 1.0) -> torch.Tensor:
@@ -55,7 +36,7 @@ def soft_targets(logits: torch.Tensor, T: float = 1.0) -> torch.Tensor:
     Returns:
         probabilities of the same shape, each row summing to 1.
     """
-    T = _check_temperature(T)
+    T = _validate.temperature(T)
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
         raise ValueError("logits must be a floating-point torch.Tensor of shape (..., C)")
     return F.softmax(logits / T, dim=-1)
@@ -74,9 +55,9 @@ def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T:
     Returns:
         scalar tensor (>= 0).
     """
-    T = _check_temperature(T)
-    _check_logits("student_logits", student_logits)
-    _check_logits("teacher_logits", teacher_logits)
+    T = _validate.temperature(T)
+    _validate.logits("student_logits", student_logits)
+    _validate.logits("teacher_logits", teacher_logits)
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"student_logits {tuple(student_logits.shape)} and teacher_logits "
@@ -110,18 +91,14 @@ def kd_loss(
     Returns:
         scalar tensor.
     """
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
-    soft = kl_divergence(student_logits, teacher_logits.detach(), T) * (_check_temperature(T) ** 2)
+    alpha = _validate.alpha(alpha)
+    soft = kl_divergence(student_logits, teacher_logits.detach(), T) * (_validate.temperature(T) ** 2)
     if labels is None:
         if alpha != 1.0:
             raise ValueError("labels=None needs alpha=1 (there is no hard-label term to blend)")
         return soft
-    if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32):
-        raise ValueError("labels must be an int64 tensor of class indices, shape (N,)")
-    if labels.shape != student_logits.shape[:1]:
-        raise ValueError(f"labels must have shape ({student_logits.shape[0]},), got {tuple(labels.shape)}")
-    hard = F.cross_entropy(student_logits, labels.long())
+    labels = _validate.labels(labels, student_logits.shape[0], student_logits.shape[1])
+    hard = F.cross_entropy(student_logits, labels)
     return alpha * soft + (1.0 - alpha) * hard
 
 

@@ -37,6 +37,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from . import _validate
+
 
 # --------------------------------------------------------------------------
 # Validation helpers
@@ -49,7 +51,7 @@ def _tensor(name: str, x, ndim: int, shape_doc: str) -> torch.Tensor:
         raise ValueError(f"{name} must have shape {shape_doc}, got {tuple(x.shape)}")
     if not x.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
-    return x
+    return _validate.batch(name, x)
 
 
 def _mask(attention_mask, batch: int, seq: int, like: torch.Tensor) -> torch.Tensor:
@@ -107,7 +109,7 @@ def uniform_layer_map(n_student: int, n_teacher: int) -> list[int]:
 
 
 def _check_layer_map(layer_map: Sequence[int], n_student: int, n_teacher: int) -> list[int]:
-    layer_map = [int(t) for t in layer_map]
+    layer_map = [_validate.layer_index(f"layer_map[{i}]", t) for i, t in enumerate(layer_map)]
     if len(layer_map) != n_student:
         raise ValueError(f"layer_map has {len(layer_map)} entries but the student has {n_student} layers; "
                          f"give one teacher layer per student layer (e.g. uniform_layer_map({n_student}, {n_teacher}))")
@@ -236,6 +238,8 @@ def attention_kl(
                 if student_attention.shape[1] != teacher_attention.shape[1] else "")
         raise ValueError(f"student_attention {tuple(student_attention.shape)} and teacher_attention "
                          f"{tuple(teacher_attention.shape)} must have the same shape (B, H, S, S){hint}")
+    _validate.probabilities("student_attention", student_attention, atol=1e-2)
+    _validate.probabilities("teacher_attention", teacher_attention, atol=1e-2)
     b, h, s, _ = student_attention.shape
     m = _mask(attention_mask, b, s, student_attention)
     t = teacher_attention.to(student_attention.dtype)
@@ -294,8 +298,7 @@ def prediction_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher_logits "
                          f"{tuple(teacher_logits.shape)} must have the same shape (N, C)")
-    if isinstance(T, bool) or not isinstance(T, (int, float)) or not T > 0:
-        raise ValueError(f"T (temperature) must be a number > 0, got {T!r}")
+    T = _validate.temperature(T)
     p_t = F.softmax(teacher_logits.detach() / T, dim=-1)
     return -(p_t * F.log_softmax(student_logits / T, dim=-1)).sum(-1).mean()
 
@@ -325,8 +328,7 @@ def token_soft_ce(student_logits: torch.Tensor, teacher_logits: torch.Tensor, to
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher_logits "
                          f"{tuple(teacher_logits.shape)} must have the same shape (B, S, V)")
-    if isinstance(T, bool) or not isinstance(T, (int, float)) or not T > 0:
-        raise ValueError(f"T (temperature) must be a number > 0, got {T!r}")
+    T = _validate.temperature(T)
     b, s, _ = student_logits.shape
     if not isinstance(token_mask, torch.Tensor) or tuple(token_mask.shape) != (b, s):
         raise ValueError(f"token_mask must have shape (B, S) = ({b}, {s})")
