@@ -359,7 +359,7 @@ def test_new_declarations_on_the_grader_path():
     from kdcourse.checks import contract
 
     exercises = {e.name: e for e in contract.exercises_for(2)}
-    for name in ("FitNets", "fitnets_parameters", "sp_loss", "info_nce"):
+    for name in ("FitNets", "fitnets_parameters", "rkd_angle", "sp_loss", "info_nce"):
         ex = exercises[name]
         seeds = ex.hidden_seeds
         ref = {s: contract.run_probe(ex, ex.reference, s) for s in seeds}
@@ -385,3 +385,32 @@ def test_fitnets_probe_accepts_an_answer_that_draws_random_numbers_differently()
     ex = contract.exercise(2, "FitNets")
     for s in ex.hidden_seeds:
         assert ex.differs(contract.run_probe(ex, Other, s), contract.run_probe(ex, ex.reference, s), s) is None
+
+
+def test_rkd_angle_check_accepts_a_hand_written_safe_norm_and_names_each_variant():
+    def mine(s, t):
+        def psi(e):
+            d = e.unsqueeze(0) - e.unsqueeze(1)
+            sq = d.pow(2).sum(-1, keepdim=True)
+            u = torch.where(sq > 1e-12, d / sq.clamp_min(1e-12).sqrt(), torch.zeros_like(d))
+            return u @ u.transpose(1, 2)
+        return F.smooth_l1_loss(psi(s), psi(t.detach()))
+
+    assert lab2.check_rkd_angle(relation.rkd_angle)
+    assert lab2.check_rkd_angle(mine)
+    for name, (fn, hint) in {**lab2.ANGLE_VARIANTS, **lab2.ANGLE_GRADIENT_VARIANTS}.items():
+        with pytest.raises(CheckFailed) as err:
+            lab2.check_rkd_angle(fn)
+        assert hint in str(err.value), name
+
+
+def test_f_normalize_angle_has_the_right_value_and_an_exploding_gradient():
+    # the oracle: the value equals the reference's, the gradient at two equal samples is ~1e12 (the check's reason)
+    fn = lab2.ANGLE_GRADIENT_VARIANTS["normalize"][0]
+    s = torch.randn(4, 3, dtype=torch.float64)
+    s[1] = s[0]
+    t = torch.randn(4, 5, dtype=torch.float64)
+    assert torch.isclose(fn(s, t), relation.rkd_angle(s, t))
+    s.requires_grad_(True)
+    fn(s, t).backward()
+    assert float(s.grad.abs().max()) > 1e6

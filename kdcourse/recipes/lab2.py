@@ -52,14 +52,15 @@ def scale_weights(weights: dict, method: str, scale: float) -> dict:
 
 def lab2_objective(method: str, teacher: nn.Module, weights: dict, *, crd_k: int = 4096, hint_layer: str = "layer2",
                    hint_loss: Callable = feature.hint_loss, at_loss: Callable = feature.attention_transfer_loss,
-                   rkd_distance: Callable = relation.rkd_distance, sp_loss: Callable = relation.similarity_preserving,
+                   rkd_distance: Callable = relation.rkd_distance, rkd_angle: Callable = relation.rkd_angle,
+                   sp_loss: Callable = relation.similarity_preserving,
                    info_nce: Callable = _info_nce, fitnets: Callable | None = None,
                    nce_temperature: float = 0.1) -> Callable[[], Objective] | None:
     """A zero-argument factory of Lab 2's objective ``method`` (``None`` for
     scratch: plain cross-entropy), with the loss weights in ``weights``.
 
     The notebook passes the student's own ``hint_loss``, ``at_loss``,
-    ``rkd_distance``, ``sp_loss``, ``info_nce`` and FitNets class
+    ``rkd_distance``, ``rkd_angle``, ``sp_loss``, ``info_nce`` and FitNets class
     (``fitnets(teacher, {layer: weight})``, used for "feature (FitNets)");
     the defaults are the package's. Every feature term is added to
     cross-entropy; the response rows use Hinton's KD at T = 4, alpha = 0.9
@@ -97,7 +98,7 @@ def lab2_objective(method: str, teacher: nn.Module, weights: dict, *, crd_k: int
             return [Term("fc:input", "fc:input", in_batch, w["crd"], name="info_nce")]
         if method == "RKD":  # distance + angle on the pooled embeddings
             return [Term("fc:input", "fc:input", rkd_distance, w["rkd_distance"], name="rkd_d"),
-                    Term("fc:input", "fc:input", relation.rkd_angle, w["rkd_angle"], name="rkd_a")]
+                    Term("fc:input", "fc:input", rkd_angle, w["rkd_angle"], name="rkd_a")]
         return []  # response (KD)
 
     alpha = 0.9 if method in ("response (KD)", "response + feature") else 0.0
