@@ -264,7 +264,11 @@ def main(args, grade_one=None, load_lab=None) -> int:
     limits = sandbox.Limits(address_space=int(args.memory_gb * sandbox.GiB), cpu_seconds=int(args.cpu_seconds))
     refuse = [f for e in lab.exercises for f in e.refused_functions()]
     quiet = [e.check for e in lab.exercises if getattr(e, "check", None) is not None]
-    copy = sandbox.GradingCopy.make(refuse=refuse, quiet=quiet)
+    try:
+        copy = sandbox.GradingCopy.make(refuse=refuse, quiet=quiet)
+    except ValueError as exc:  # a declaration the grading copy cannot make refuse
+        print(f"error: cannot make the grading copy of the package: {exc}")
+        return 2
     batch = Batch(lab, options, use_sandbox=not args.no_sandbox, limits=limits, package=copy, grade_one=grade_one)
     integrity = Integrity(solution=getattr(lab, "solution_path", None), package=sandbox._package_dir(),
                           grading_copy=copy.root, output_folder=os.path.abspath(args.out))
