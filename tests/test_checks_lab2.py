@@ -414,3 +414,51 @@ def test_f_normalize_angle_has_the_right_value_and_an_exploding_gradient():
     s.requires_grad_(True)
     fn(s, t).backward()
     assert float(s.grad.abs().max()) > 1e6
+
+
+_KERNEL = r'''
+import json, sys
+from kdcourse import labgen
+from kdcourse.checks import contract
+from kdcourse.checks import lab2
+
+nb = labgen.read(sys.argv[1])
+ns = {}
+exec("import torch\nimport torch.nn as nn\nimport torch.nn.functional as F\nfrom kdcourse.train import Objective, StepOutput", ns)
+for name, i in labgen.solution_functions(nb).items():
+    src = "\n".join(l for l in labgen.source(nb["cells"][i]).split("\n") if not l.startswith("checks."))
+    exec(src, ns)
+# Exercises 1-2 planted wrong: FitNets must not lose its points for them
+ns["hint_loss"] = lab2.HINT_VARIANTS["sum"][0]
+ns["extract_features"] = lambda model, x, names: (model(x), {})
+refused = contract.refuse_references(contract.exercises_for(2))
+names = json.loads(sys.argv[2])
+out = {n: {s: contract.run_probe(contract.exercise(2, n), ns[n], s) for s in contract.exercise(2, n).hidden_seeds} for n in names}
+print(json.dumps({"refused": refused, "data": out}))
+'''
+
+
+def test_new_probes_run_in_a_kernel_that_refuses_references_and_isolate_earlier_exercises():
+    """As in the grading kernel: the notebook's own answers defined, every reference refused, Exercises 1-2
+    planted wrong. The probes of the new exercises still run (they use no refused code) and the solution's
+    answers still match the reference data computed in this (grader) process."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from kdcourse.checks import contract
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    names = ["FitNets", "fitnets_parameters", "rkd_angle", "sp_loss", "info_nce"]
+    done = subprocess.run([sys.executable, "-c", _KERNEL, os.path.join(root, "solutions", "02_feature_relation_kd.ipynb"),
+                           json.dumps(names)], capture_output=True, text=True, cwd=root, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert any("hint_loss" in r for r in got["refused"]) and any("FeatureExtractor" in r for r in got["refused"])
+    for name in names:
+        ex = contract.exercise(2, name)
+        for s in ex.hidden_seeds:
+            data = got["data"][name][str(s)]
+            assert "raised" not in data, (name, s, data)
+            assert ex.differs(data, contract.run_probe(ex, ex.reference, s), s) is None, (name, s)
