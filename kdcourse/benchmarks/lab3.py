@@ -12,7 +12,10 @@ Prints, measured in this one run:
    the per-round ratios);
 4. test accuracy (last epoch) over the profile's seeds, mean ± std, of the
    teacher and the students: scratch, prediction-only KD, intermediate-layer
-   KD, two-stage KD; the retention of the best recipe and its gap to scratch;
+   KD, two-stage KD and the two control rows (prediction-only KD on train +
+   teacher-labelled general text, intermediate-layer KD on train, both at
+   two-stage KD's number of samples) with computed readings; the retention
+   of the best recipe and its gap to scratch;
 5. whether the issue's targets are met (>= 10x fewer parameters, >= 5x
    faster, best KD >= 95% of the teacher), with the numbers;
 6. optionally (``--only ...,notebook,smoke``) the solution notebook's Run
@@ -67,16 +70,29 @@ def main(profile: str = "laptop", repeats: int = 3, only: tuple = PARTS) -> int:
     best = None
     if "accuracy" in only:
         t0 = time.perf_counter()
-        results = tk.compare(teacher, ds, cfg, prof.seeds, progress=False)
+        from .. import lesson
+        from ..losses import transformer as tl
+        from ..recipes import lab3_controls as recipe
+
+        lm = tl.uniform_layer_map(cfg.student.layers, cfg.teacher.layers)
+        targets = tk.teacher_targets(teacher, ds, lm)
+        results = tk.compare(teacher, ds, cfg, prof.seeds, layer_map=lm, targets=targets, progress=False)
+        results.update(recipe.controls(teacher, ds, cfg, prof.seeds, layer_map=lm, targets=targets, progress=False))
         print(f"\ntest accuracy after the last epoch, seeds {prof.seeds} ({cfg.student_epochs} task epochs, "
               f"{cfg.general_epochs} general epochs for two-stage; {time.perf_counter() - t0:.0f} s):")
         print(f"  teacher: {100 * info['test_acc']:.2f}%")
         summaries = {k: runs.summarize(v) for k, v in results.items()}
         for name, s in summaries.items():
             vals = ", ".join(f"{100 * v:.2f}" for v in s.values)
-            print(f"  {name:<24} {100 * s.mean:6.2f} ± {100 * s.std:.2f} %  ({100 * s.mean / info['test_acc']:.1f}% "
+            print(f"  {name:<50} {100 * s.mean:6.2f} ± {100 * s.std:.2f} %  ({100 * s.mean / info['test_acc']:.1f}% "
                   f"of the teacher; runs: {vals})")
-        best_name = max((k for k in summaries if k != "scratch"), key=lambda k: summaries[k].mean)
+        more_text, more_steps = recipe.CONTROLS
+        print(f"  controls at two-stage KD's {recipe.two_stage_samples(cfg, ds):,} training samples:")
+        for effect, (a, b) in (("more steps alone", (more_steps, "intermediate-layer KD")),
+                               ("the unlabelled text, with layer matching", ("two-stage KD", more_steps)),
+                               ("layer matching, on the same text", ("two-stage KD", more_text))):
+            print("   ", lesson.reading(effect, (summaries[a], summaries[b]), labels=(a, b)))
+        best_name = max((k for k in summaries if k not in ("scratch", *recipe.CONTROLS)), key=lambda k: summaries[k].mean)
         best, scratch = summaries[best_name], summaries["scratch"]
         t_stat, dof = runs.welch_t(best, scratch)
         print(f"  best KD recipe: {best_name}; minus scratch {100 * (best.mean - scratch.mean):+.2f} points = "
