@@ -388,7 +388,7 @@ def test_answer_that_delegates_to_the_reference_scores_zero_with_a_note(tmp_path
     stem = "01_classic_kd"
     lab = grade.load_lab(os.path.join(SOLUTIONS, stem + ".ipynb"))
     nb = planted(stem, [])
-    cells = labgen.solution_functions(nb)
+    cells = labgen.solution_functions(labgen.read(os.path.join(SOLUTIONS, stem + ".ipynb")))
     for name, body in (("kd_loss", "import os\nos.environ['KDCOURSE_GRADING'] = '0'\n"
                                    "from kdcourse.losses import kd_loss as _ref_kd\n"
                                    "kd_loss = lambda s, t, y, T=4.0, alpha=0.9: _ref_kd(s, t, y, T=T, alpha=alpha)"),

@@ -61,7 +61,9 @@ Fields of :class:`Exercise`:
 
 ``name``, ``points``, ``check``, ``probe``, ``reference`` as above;
 ``variants`` ``{name: (fn, hint)}``: known-wrong versions with the same
-signature; ``hidden_seeds``: seeds always probed; ``rtol``/``atol``: the
+signature (written as a student would: the release tests plant each into a
+notebook, where it runs in the grading kernel, so it may not call a
+refused function either); ``hidden_seeds``: seeds always probed; ``rtol``/``atol``: the
 tolerance of :func:`compare`; ``compare``: optional
 ``compare(student_data, other_data, seed) -> None | "where it differs"``
 (for exercises with several right answers, e.g. random calibration images);
