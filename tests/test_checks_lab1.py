@@ -315,3 +315,54 @@ def test_kd_loss_check_compares_the_gradient_not_only_the_value(capsys):
     with pytest.raises(CheckFailed) as err:
         checks.check_kd_loss(fn)
     assert hint in str(err.value) and "✓" not in capsys.readouterr().out  # no ✓ line before the failure
+
+
+# ------------------------------------------------------------ recipes.lab1 table helpers
+
+class _Fixed(torch.nn.Module):
+    """Logits looked up by image (the images' first pixel holds their row)."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = table
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        return self.table[x[:, 0, 0, 0].long()]
+
+
+def test_missing_class_bias_is_chosen_on_validation_only(monkeypatch):
+    from types import SimpleNamespace
+
+    g = torch.Generator().manual_seed(5)
+    n, c, missing = 60, 3, 2
+
+    def split(offset):
+        labels = torch.randint(0, c, (n,), generator=g)
+        images = torch.zeros(n, 3, 2, 2)
+        images[:, 0, 0, 0] = torch.arange(n) + offset
+        return SimpleNamespace(labels=labels, images=images, batches=None)
+
+    val, test = split(0), split(n)
+    table = torch.randn(2 * n, c, generator=g)
+    model = _Fixed(table)
+    ds = SimpleNamespace(val=val, test=test, classes=("a", "b", "c"))
+    grid = torch.linspace(0, 4, 17)
+
+    def acc(logits, labels, b):
+        z = logits.clone()
+        z[:, missing] += b
+        return float((z.argmax(1) == labels).float().mean())
+
+    best_val = float(max(grid, key=lambda b: acc(table[:n], val.labels, float(b))))
+    monkeypatch.setattr(recipe, "predict_logits", lambda m, split: m(split.images).detach())
+    (row,) = recipe.missing_class_rows({"m": model}, ds, missing, grid=grid)
+    assert row["bias (chosen on val)"] == round(best_val, 2)
+    assert row["test acc after bias (%)"] == round(100 * acc(table[n:], test.labels, best_val), 2)
+
+
+def test_comparison_rows_give_percent_of_teacher():
+    s = runs.Summary("s", 0.8, 0.01, 3, (0.79, 0.8, 0.81))
+    rows = recipe.comparison_rows("resnet", 0.9, 1000, 100, {"student": s})
+    assert rows[1]["% of teacher"] == f"{100 * 0.8 / 0.9:.1f}" and rows[1]["compression"] == "10.0x"
+    assert rows[1]["test acc (%)"] == "80.00 ± 1.00"
