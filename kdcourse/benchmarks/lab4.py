@@ -54,10 +54,10 @@ def _epoch_times(lab, ds, repeats: int) -> dict:
         "labels only": lambda: (build(), None),
         "born-again generation": lambda: (build(), Distill(teacher, T=1.0, alpha=lab.alpha)),
         "deep supervision (2 exits)": lambda: (DeepSupervision(build(), lab.exits), ExitDistillation(T=1.0, alpha=lab.alpha)),
-        "mutual learning, joint step": lambda: (nn.ModuleList([build() for _ in range(2)]),
+        "mutual learning (2 peers)": lambda: (nn.ModuleList([build() for _ in range(2)]),
                                                 MutualLearning(T=lab.dml_T, alpha=lab.dml_alpha)),
     }
-    times: dict = {k: [] for k in list(makers) + ["mutual learning, in turn"]}
+    times: dict = {k: [] for k in list(makers) + ["mutual learning (2 peers, in turn)"]}
     for r in range(repeats):
         for name, make in makers.items():
             runtime.seed_everything(r)
@@ -66,7 +66,7 @@ def _epoch_times(lab, ds, repeats: int) -> dict:
             times[name].append(hist.seconds)
         res = recipe.run_mutual_in_turn(lab.network, ds, seeds=(r,), peers=2, T=lab.dml_T, alpha=lab.dml_alpha,
                                         epochs=1, lr=lab.lr, batch_size=lab.batch_size)
-        times["mutual learning, in turn"].append(res.runs[0].seconds)
+        times["mutual learning (2 peers, in turn)"].append(res.runs[0].seconds)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -93,7 +93,7 @@ def main(profile: str = "laptop", repeats: int = 3, only: tuple = PARTS, T: floa
         base = et["labels only"]
         print(f"\nepoch time (median of {repeats}):")
         for name, sec in et.items():
-            print(f"  {name:<30} {sec:6.2f} s   ratio to labels only {sec / base:.2f}")
+            print(f"  {name:<34} {sec:6.2f} s   ratio to labels only {sec / base:.2f}")
 
     if "scratch" in only or "accuracy" in only:
         kw = dict(epochs=lab.epochs, lr=lab.lr, batch_size=lab.batch_size, progress=False)
