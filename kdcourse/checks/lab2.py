@@ -862,19 +862,28 @@ def check_fitnets_parameters(fn: Callable) -> bool:
 def _fitnets_variants() -> tuple[dict, dict]:
     """Known-wrong FitNets objectives and parameter lists, ``{name: (fn, hint)}``
     (the hint is the start of the message the check gives)."""
-    from ..distill.fitnets import FitNets, fitnets_parameters, regressor_key
+    from ..distill.fitnets import FitNets, regressor_key
 
     class _Forward(FitNets):
-        """forward with switches for the usual mistakes"""
+        """setup and forward with switches for the usual mistakes, on the probes' own hooks and hint (variants
+        run in the grading kernel too, where the package's references refuse)"""
         eval_teacher, no_grad, detach_student, combine = True, True, False, "sum"
+
+        def setup(self, model, train):
+            x = next(train.batches(2)).x
+            with torch.no_grad():
+                _, s = _extract(model, x, list(self.hints))
+                _, t = _extract(self.teacher.eval(), x, list(self.hints))
+            self.regressors = nn.ModuleDict({regressor_key(n): nn.Conv2d(s[n].shape[1], t[n].shape[1], 1)
+                                             for n in self.hints})
 
         def forward(self, model, batch, state):
             names = list(self.hints)
             if self.eval_teacher:
                 self.teacher.eval()
             with torch.no_grad() if self.no_grad else contextlib.nullcontext():
-                _, t = fx.extract(self.teacher, batch.x, names)
-            logits, s = fx.extract(model, batch.x, names)
+                _, t = _extract(self.teacher, batch.x, names)
+            logits, s = _extract(model, batch.x, names)
             ce = F.cross_entropy(logits, batch.labels)
             hints = [(w, self.hint(s[n].detach() if self.detach_student else s[n], t[n], n)) for n, w in self.hints.items()]
             loss = {"sum": lambda: ce + sum(w * h for w, h in hints), "no_ce": lambda: sum(w * h for w, h in hints),
@@ -882,7 +891,7 @@ def _fitnets_variants() -> tuple[dict, dict]:
             return StepOutput(loss, logits, {"ce": ce.item()})
 
         def hint(self, s, t, n):
-            return self.hint_loss(s, t, self.regressors[regressor_key(n)])
+            return _probe_hint(s, t, self.regressors[regressor_key(n)])
 
     def variant(**attrs):
         return type("FitNetsVariant", (_Forward,), attrs)
@@ -901,7 +910,7 @@ def _fitnets_variants() -> tuple[dict, dict]:
             self.regressors = nn.ModuleDict()
 
         def hint(self, s, t, n):
-            return feature.hint_loss(s, t, nn.Conv2d(s.shape[1], t.shape[1], 1))
+            return _probe_hint(s, t, nn.Conv2d(s.shape[1], t.shape[1], 1))
 
     class _Kernel3(_Forward):
         def setup(self, model, train):
@@ -934,7 +943,7 @@ def _fitnets_variants() -> tuple[dict, dict]:
         "student_only": (lambda model, objective: list(model.parameters()), _REGRESSORS_MISSING),
         "with_teacher": (lambda model, objective: [p for p in list(model.parameters()) + list(objective.parameters())
                                                    if p.requires_grad], _TEACHER_LISTED),
-        "duplicates": (lambda model, objective: fitnets_parameters(model, objective) + list(objective.regressors.parameters()),
+        "duplicates": (lambda model, objective: list(model.parameters()) + 2 * list(objective.regressors.parameters()),
                        _DUPLICATE),
         "regressors_only": (lambda model, objective: list(objective.regressors.parameters()), _STUDENT_MISSING),
     }
@@ -974,8 +983,8 @@ SP_VARIANTS = {
                   "the Frobenius norm is not squared: use ||G_t - G_s||_F^2 / B^2 (sum of squared entries)."),
     "l1": (_sp_with(_row_gram, lambda d, b: d.abs().sum() / b ** 2),
            "absolute differences: SP uses squared differences, ||G_t - G_s||_F^2 / B^2."),
-    "per_channel": (lambda s, t: relation.similarity_preserving(s.flatten(2).mean(-1) if s.ndim == 4 else s,
-                                                                t.flatten(2).mean(-1) if t.ndim == 4 else t),
+    "per_channel": (lambda s, t: _sp_with(_row_gram)(s.flatten(2).mean(-1) if s.ndim == 4 else s,
+                                                     t.flatten(2).mean(-1) if t.ndim == 4 else t),
                     "the feature maps are pooled to channel means first: SP flattens each sample's whole map "
                     "(C * H * W values) before G = F F^T."),
 }
