@@ -254,11 +254,13 @@ LAB3: dict[str, Lab3Settings] = {
 
 
 def lab3_settings(profile) -> Lab3Settings:
-    """The :class:`Lab3Settings` for a profile (or a profile name)."""
+    """The :class:`Lab3Settings` for a profile (or a profile name); a profile's
+    ``extra["lab3"]`` overrides fields (e.g. tiny sizes for a dry run)."""
     name = profile if isinstance(profile, str) else getattr(profile, "name", None)
     if name not in LAB3:
         raise ValueError(f"no Lab 3 sizes for profile {name!r}; use one of {sorted(LAB3)}")
-    return LAB3[name]
+    extra = {} if isinstance(profile, str) else getattr(profile, "extra", {}).get("lab3", {})
+    return dataclasses.replace(LAB3[name], **extra) if extra else LAB3[name]
 
 
 @dataclass(frozen=True)

@@ -270,3 +270,23 @@ def test_size_and_speed_uses_deploy_latency_and_restores_threads(data):
     assert r["p50_ms"][0] > 0 and r["p50_ms"][1] > 0 and r["threads"] == 1 and r["batch"] == (8, data.max_len)
     assert r["params"] == (tk.count_params(t), tk.count_params(m)) and r["params"][0] > r["params"][1]
     assert torch.get_num_threads() == before
+
+
+def test_lab3_objectives_follow_T_and_alpha_schedules(data, teacher):
+    """T and alpha may be schedules f(progress) for the Lab 3 objectives too,
+    resolved every step as for Distill (they used to be passed raw)."""
+    seen = []
+
+    def T(p):
+        seen.append(p)
+        return 1.0 + p
+
+    student = tk.build(STUDENT, data)
+    hist = fit(student, data.train, tk.LayerDistill(teacher, student, T=T, alpha=lambda p: 0.5), epochs=1, lr=1e-3,
+               batch_size=64, progress=False)
+    steps = data.train.num_batches(64)
+    assert len(seen) == steps and seen[0] == 0.0 and 0 < seen[-1] < 1 and hist[0]["pred"] > 0
+    s2, t2 = tk.build(STUDENT, data, mlm_head=True), tk.build(tk.BertSpec(2, 16, 2, 32), data, mlm_head=True)
+    seen.clear()
+    fit(s2, data.general, tk.DistilBertObjective(t2, s2, T=T), epochs=1, lr=1e-3, batch_size=64, progress=False)
+    assert len(seen) == data.general.num_batches(64)

@@ -22,7 +22,7 @@ from ..data.reviews import mask_tokens
 from ..losses import transformer as tl
 from ..losses.response import kd_loss
 from ..models.bert import TextTransformer, TransformerOutputs
-from ..train import Objective, StepOutput, freeze
+from ..train import Objective, StepOutput, freeze, scheduled
 
 
 class TeacherObjective(Objective):
@@ -234,8 +234,9 @@ class LayerDistill(Objective):
         logits = s.logits if batch.labels.min() >= 0 else None
         if self.w["prediction"]:
             labelled = logits is not None
-            pred = kd_loss(s.logits, t.logits, batch.labels if labelled else None, T=self.T,
-                           alpha=self.alpha if labelled else 1.0)
+            T, alpha = scheduled(self.T, state), scheduled(self.alpha, state)  # numbers or schedules, as everywhere
+            pred = kd_loss(s.logits, t.logits, batch.labels if labelled else None, T=T,
+                           alpha=alpha if labelled else 1.0)
             loss = loss + self.w["prediction"] * pred
             parts["pred"] = pred.item()
         return StepOutput(loss, logits, parts)
@@ -275,6 +276,6 @@ class DistilBertObjective(Objective):
             t = self.teacher.forward_all(masked, attentions=False, mlm=True)
         s = model.forward_all(masked, attentions=False, mlm=True)
         loss, parts = tl.distilbert_loss(s.mlm_logits, t.mlm_logits, labels, self.projection(s.hidden_states[-1]),
-                                         t.hidden_states[-1], s.attention_mask, T=self.T, alpha_ce=self.alpha_ce,
+                                         t.hidden_states[-1], s.attention_mask, T=scheduled(self.T, state), alpha_ce=self.alpha_ce,
                                          alpha_mlm=self.alpha_mlm, alpha_cos=self.alpha_cos, return_parts=True)
         return StepOutput(loss, None, parts)
