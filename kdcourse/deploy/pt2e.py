@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ._common import _as_args, _eval
+from ._common import _as_args, _batch_size, _eval
 from .onnx import _quiet
 
 # --------------------------------------------------------------------------
