@@ -143,20 +143,31 @@ def reference_kd_grad(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return (torch.softmax(student_logits / T, dim=-1) - torch.softmax(teacher_logits / T, dim=-1)) / T
 
 
+# The variants below compute the same formulas through private copies: the
+# grading kernel refuses the declared references, and a planted variant must
+# still run there (see the contract's rule on variants).
+def _ce_formula(z, y):
+    return torch.softmax(z, dim=-1) - F.one_hot(y, z.shape[-1]).to(z.dtype)
+
+
+def _kd_formula(s, t, T):
+    return (torch.softmax(s / T, dim=-1) - torch.softmax(t / T, dim=-1)) / T
+
+
 def _only_true_class(z, y):
     g = torch.zeros_like(z)
     return g.scatter(-1, y.unsqueeze(-1), (torch.softmax(z, -1).gather(-1, y.unsqueeze(-1)) - 1))
 
 
 def _batch_mean_ce(z, y):
-    return reference_ce_grad(z, y) / (z.shape[0] if z.ndim == 2 else 1)
+    return _ce_formula(z, y) / (z.shape[0] if z.ndim == 2 else 1)
 
 
 CE_GRAD_VARIANTS = {
     "handout": (_only_true_class,
                 "only the true class gets a gradient here — the handout's claim, and it is false: a wrong class i gets "
                 "p_i (the loss pushes it down in proportion to its probability). ∂CE/∂z = softmax(z) − one_hot(y)."),
-    "sign": (lambda z, y: -reference_ce_grad(z, y),
+    "sign": (lambda z, y: -_ce_formula(z, y),
              "the sign is flipped: ∂CE/∂z = p − y (descending it lowers the wrong classes and raises the true one)."),
     "batch_mean": (_batch_mean_ce,
                    "divided by the batch size: that is the gradient of the batch *mean*; give each example's own gradient "
@@ -197,13 +208,13 @@ def check_ce_grad(fn: Callable) -> bool:
 
 
 KD_GRAD_VARIANTS = {
-    "no_chain_rule": (lambda s, t, T: reference_kd_grad(s, t, T) * T,
+    "no_chain_rule": (lambda s, t, T: _kd_formula(s, t, T) * T,
                       "the 1/T of the chain rule is missing (d(z/T)/dz = 1/T): ∂KL/∂z_s = (p_s − p_t) / T."),
-    "scaled_T2": (lambda s, t, T: reference_kd_grad(s, t, T) * T ** 3,
+    "scaled_T2": (lambda s, t, T: _kd_formula(s, t, T) * T ** 3,
                   "this is the gradient of T²·KL, the scaled loss; the exercise asks for the KL alone: (p_s − p_t) / T."),
-    "over_T2": (lambda s, t, T: reference_kd_grad(s, t, T) / T,
+    "over_T2": (lambda s, t, T: _kd_formula(s, t, T) / T,
                 "divided by T²: one factor 1/T comes from the chain rule, the probabilities are not divided again."),
-    "sign": (lambda s, t, T: -reference_kd_grad(s, t, T),
+    "sign": (lambda s, t, T: -_kd_formula(s, t, T),
              "the sign is flipped: the student's probabilities minus the teacher's, (p_s − p_t) / T."),
     "no_temperature": (lambda s, t, T: (torch.softmax(s, -1) - torch.softmax(t, -1)) / T,
                        "the probabilities must be taken at temperature T: softmax(z / T) for both."),
