@@ -261,10 +261,11 @@ def _solution_functions(stem):
     import torch.nn.functional as F
 
     sol = labgen.read(os.path.join(SOLUTIONS, stem + ".ipynb"))
-    ns = {"torch": torch, "F": F, "np": np, "os": os, "time": __import__("time"), "math": __import__("math")}
-    from kdcourse.train import Distill, Objective
+    ns = {"torch": torch, "nn": torch.nn, "F": F, "np": np, "os": os, "time": __import__("time"),
+          "math": __import__("math")}
+    from kdcourse.train import Distill, Objective, StepOutput, TrainState
 
-    ns.update(Distill=Distill, Objective=Objective)
+    ns.update(Distill=Distill, Objective=Objective, StepOutput=StepOutput, TrainState=TrainState)
     for name, i in labgen.solution_functions(sol).items():
         src = labgen.source(sol["cells"][i])
         exec(compile("\n".join(_definitions_only(src)), f"<{stem} {name}>", "exec"), ns)
