@@ -1,24 +1,21 @@
 """Every solution runs in the smoke profile; every untouched lab fails only
-with NotImplementedError; nbval checks the marked outputs (see
-tests/test_nbval.py for the nbval run itself)."""
+with NotImplementedError. Each solution is executed once per session
+(``executed_solution`` in conftest.py), and tests/test_nbval.py compares
+that same execution's marked outputs; all notebooks of a session share one
+teacher cache (``notebook_env``)."""
 import glob
 import os
 
 import pytest
 
 from kdcourse import labgen
-from kdcourse.notebooks import execute, run_all_allow_errors
+from kdcourse.tools.notebooks import run_all_allow_errors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOLUTIONS = sorted(glob.glob(os.path.join(ROOT, "solutions", "*.ipynb")))
 LABS = sorted(glob.glob(os.path.join(ROOT, "labs", "*.ipynb")))
 
 pytestmark = pytest.mark.notebooks
-
-
-def _env(tmp_path):
-    # A per-test cache: nothing from a student's cache, nothing left behind.
-    return {"KDCOURSE_PROFILE": "smoke", "KDCOURSE_CACHE": str(tmp_path / "cache"), "MPLBACKEND": "Agg"}
 
 
 def test_every_notebook_has_a_parameters_cell_first():
@@ -30,8 +27,8 @@ def test_every_notebook_has_a_parameters_cell_first():
 
 
 @pytest.mark.parametrize("path", SOLUTIONS, ids=os.path.basename)
-def test_solution_executes_in_smoke_profile(path, tmp_path):
-    nb = execute(path, profile="smoke", cwd=str(tmp_path), env=_env(tmp_path), timeout=900)
+def test_solution_executes_in_smoke_profile(path, executed_solution):
+    nb = executed_solution(path)
     errors = [o for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
     # every code exercise is followed by a check that passed (a "✓" line)
@@ -41,8 +38,8 @@ def test_solution_executes_in_smoke_profile(path, tmp_path):
 
 
 @pytest.mark.parametrize("path", LABS, ids=os.path.basename)
-def test_untouched_lab_fails_only_at_exercises(path, tmp_path):
-    errors = run_all_allow_errors(path, cwd=str(tmp_path), env=_env(tmp_path), timeout=900)
+def test_untouched_lab_fails_only_at_exercises(path, tmp_path, notebook_env):
+    errors = run_all_allow_errors(path, cwd=str(tmp_path), env=notebook_env, timeout=900)
     nb = labgen.read(path)
     exercises = labgen.exercise_cells(labgen.read(path.replace(os.sep + "labs" + os.sep, os.sep + "solutions" + os.sep)))
     assert exercises, "a lab without exercises?"
