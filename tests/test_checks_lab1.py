@@ -13,11 +13,13 @@ import torch.nn.functional as F
 from kdcourse import data, models, profiles, runs
 from kdcourse.checks import CheckFailed, contract
 from kdcourse.checks import lab1 as checks
+from kdcourse.checks import lab1_eval as le
 from kdcourse.checks import lab1_training as lt
 from kdcourse.recipes import lab1 as recipe
 from kdcourse.train import Distill, TrainState, clear_logit_memo
 
-NEW = ["ce_grad", "kd_grad", "distill_step", "ensemble_logits", "pick_on_validation"]
+NEW = ["ce_grad", "kd_grad", "distill_step", "ensemble_logits", "pick_on_validation",
+       "accuracy", "expected_calibration_error", "choose_bias"]
 
 
 def ex(name):
@@ -366,3 +368,124 @@ def test_comparison_rows_give_percent_of_teacher():
     rows = recipe.comparison_rows("resnet", 0.9, 1000, 100, {"student": s})
     assert rows[1]["% of teacher"] == f"{100 * 0.8 / 0.9:.1f}" and rows[1]["compression"] == "10.0x"
     assert rows[1]["test acc (%)"] == "80.00 ± 1.00"
+
+
+# ------------------------------------------------------------ the third part: accuracy, ECE, the missing class's bias
+
+def test_accuracy_reference_equals_the_package_evaluate_and_restores_the_mode():
+    g = torch.Generator().manual_seed(7)
+    net = lt._tiny_net(g, 5, 4)
+    x = torch.randn(23, 3, 6, 6, generator=g, dtype=torch.float64)
+    split = data.Split(x, torch.randint(0, 4, (23,), generator=g), ("a", "b", "c", "d"))
+    from kdcourse.train import evaluate
+
+    net.train()
+    got = le.reference_accuracy(net, split, batch_size=5)
+    assert net.training and isinstance(got, float)
+    assert got == pytest.approx(evaluate(net, split)["acc"], abs=1e-6)  # evaluate averages in float32
+
+
+def test_ece_reference_against_a_float64_rederivation_and_known_cases():
+    g = torch.Generator().manual_seed(8)
+    p = torch.softmax(torch.randn(300, 5, generator=g, dtype=torch.float64) * 3, 1)
+    y = torch.randint(0, 5, (300,), generator=g)
+    conf, pred = p.max(1)
+    total = 0.0
+    for m in range(15):  # bin m holds (m/15, (m+1)/15]
+        idx = [i for i in range(300) if m / 15 < float(conf[i]) <= (m + 1) / 15]
+        if idx:
+            total += len(idx) / 300 * abs(sum(float(conf[i]) for i in idx) / len(idx)
+                                          - sum(float(pred[i] == y[i]) for i in idx) / len(idx))
+    assert le.reference_ece(p, y, 15) == pytest.approx(total, abs=1e-12)
+    one_hot = F.one_hot(y, 5).double()
+    assert le.reference_ece(one_hot, y) == 0.0  # always right with confidence 1
+    assert le.reference_ece(one_hot, (y + 1) % 5) == pytest.approx(1.0)  # always wrong with confidence 1
+
+
+def test_choose_bias_reference_against_brute_force():
+    g = torch.Generator().manual_seed(9)
+    z = torch.randn(80, 4, generator=g, dtype=torch.float64)
+    y = z.argmax(1)
+    z[:, 2] -= 3
+    grid = torch.linspace(0, 6, 25, dtype=torch.float64)
+    accs = [float(((z + b * F.one_hot(torch.tensor(2), 4)).argmax(1) == y).double().mean()) for b in grid]
+    assert le.reference_choose_bias(z, y, 2, grid) == float(grid[accs.index(max(accs))])
+
+
+def _accuracy_inference(model, split, batch_size=256):
+    mode = model.training
+    model.train(False)
+    with torch.inference_mode():
+        logits = torch.cat([model(b.x) for b in split.batches(batch_size)])
+    model.train(mode)
+    return np.float64((logits.argmax(-1) == split.labels).double().mean().item())
+
+
+def _ece_bucketize(probs, labels, n_bins=10):
+    conf, pred = probs.max(1)
+    edges = torch.linspace(0, 1, n_bins + 1, dtype=probs.dtype)
+    idx = torch.bucketize(conf, edges[1:-1])  # (lo, hi]
+    n = torch.zeros(n_bins, dtype=probs.dtype).scatter_add(0, idx, torch.ones_like(conf))
+    c = torch.zeros(n_bins, dtype=probs.dtype).scatter_add(0, idx, conf)
+    a = torch.zeros(n_bins, dtype=probs.dtype).scatter_add(0, idx, (pred == labels).to(probs.dtype))
+    nz = n > 0
+    return torch.sum(n[nz] / len(conf) * (c[nz] / n[nz] - a[nz] / n[nz]).abs())
+
+
+def _bias_vectorised(logits, labels, cls, grid):
+    grid = torch.as_tensor(grid, dtype=logits.dtype)
+    shifted = logits.unsqueeze(0) + grid.view(-1, 1, 1) * F.one_hot(torch.tensor(cls), logits.shape[1]).to(logits.dtype)
+    accs = (shifted.argmax(-1) == labels).double().mean(1)
+    return grid[int(torch.argmax(accs))]  # a 0-dim tensor: the first maximum
+
+
+@pytest.mark.parametrize("name,fn", [
+    ("accuracy", le.reference_accuracy), ("accuracy", _accuracy_inference),
+    ("expected_calibration_error", le.reference_ece), ("expected_calibration_error", _ece_bucketize),
+    ("choose_bias", le.reference_choose_bias), ("choose_bias", _bias_vectorised),
+])
+def test_measuring_checks_accept_correct_answers_written_other_ways(name, fn, capsys):
+    assert ex(name).check(fn) is True
+    assert "✓" in capsys.readouterr().out
+
+
+def test_measuring_checks_name_in_place_changes_and_bad_returns():
+    def bias_inplace(logits, labels, cls, grid):
+        best, best_acc, total = None, -1.0, 0.0
+        for b in grid:
+            logits[:, cls] += float(b) - total  # shifts the caller's tensor
+            total = float(b)
+            acc = float((logits.argmax(1) == labels).double().mean())
+            if acc > best_acc:
+                best, best_acc = float(b), acc
+        return best
+
+    with pytest.raises(CheckFailed, match="changed its input logits in place"):
+        checks.check_choose_bias(bias_inplace)
+    with pytest.raises(CheckFailed, match="one number"):
+        checks.check_accuracy(lambda model, split, batch_size=256: [0.5])
+    with pytest.raises(CheckFailed, match="one number"):
+        checks.check_ece(lambda probs, labels, n_bins=10: probs.max(1).values)
+
+
+def test_missing_class_rows_use_the_given_bias_chooser(monkeypatch):
+    from types import SimpleNamespace
+
+    g = torch.Generator().manual_seed(6)
+    n = 40
+    labels = torch.randint(0, 3, (2 * n,), generator=g)
+    images = torch.zeros(2 * n, 3, 2, 2)
+    images[:, 0, 0, 0] = torch.arange(2 * n).float()
+    split = lambda sl: SimpleNamespace(labels=labels[sl], images=images[sl])  # noqa: E731
+    ds = SimpleNamespace(val=split(slice(0, n)), test=split(slice(n, 2 * n)), classes=("a", "b", "c"))
+    table = torch.randn(2 * n, 3, generator=g)
+    monkeypatch.setattr(recipe, "predict_logits", lambda m, s: m(s.images).detach())
+    seen = []
+
+    def chooser(logits, lab, cls, grid):
+        seen.append((logits.shape, cls))
+        return le.reference_choose_bias(logits, lab, cls, grid)
+
+    (mine,) = recipe.missing_class_rows({"m": _Fixed(table)}, ds, 1, choose_bias=chooser)
+    (default,) = recipe.missing_class_rows({"m": _Fixed(table)}, ds, 1)
+    assert seen == [((n, 3), 1)] and mine == default

@@ -180,10 +180,12 @@ def plot_compression(ratios, scratch, kd, teacher_acc: float):
     return fig
 
 
-def missing_class_rows(students: dict, data, missing: int, grid=None) -> list[dict]:
+def missing_class_rows(students: dict, data, missing: int, grid=None, choose_bias: Callable | None = None) -> list[dict]:
     """For each ``name -> model`` trained without class ``missing``: its recall
     of that class and test accuracy, before and after adding the bias to that
-    class's logit that maximises **validation** accuracy."""
+    class's logit that maximises **validation** accuracy — chosen by
+    ``choose_bias(val_logits, val_labels, missing, grid)`` (the student's, in
+    the lab) or, by default, here."""
     grid = torch.linspace(0, 20, 81) if grid is None else grid
 
     def recall_and_acc(logits, labels, bias):
@@ -195,7 +197,10 @@ def missing_class_rows(students: dict, data, missing: int, grid=None) -> list[di
     rows, name = [], data.classes[missing]
     for student, model in students.items():
         val_logits, test_logits = predict_logits(model, data.val), predict_logits(model, data.test)
-        b = float(max(grid, key=lambda v: recall_and_acc(val_logits, data.val.labels, float(v))[1]))
+        if choose_bias is not None:
+            b = float(choose_bias(val_logits, data.val.labels, missing, grid))
+        else:
+            b = float(max(grid, key=lambda v: recall_and_acc(val_logits, data.val.labels, float(v))[1]))
         r0, a0 = recall_and_acc(test_logits, data.test.labels, 0.0)
         r1, a1 = recall_and_acc(test_logits, data.test.labels, b)
         rows.append({"student": student, f"recall '{name}' (%)": round(100 * r0, 1), "test acc (%)": round(100 * a0, 2),
