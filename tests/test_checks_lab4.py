@@ -488,3 +488,118 @@ def test_run_deep_supervision_with_the_reference_loss_equals_exit_distillation(t
     a = recipe.run_deep_supervision(SPEC, tiny, **kw)
     b = recipe.run_deep_supervision(SPEC, tiny, loss=recipe.deep_supervision_loss, **kw)
     assert a.acc["final"] == pytest.approx(b.acc["final"], abs=1.5 / len(tiny.test))
+
+
+# --------------------------------------------------------------------------
+# The minimal detectable difference and the ensemble's averages
+# --------------------------------------------------------------------------
+
+from kdcourse.checks import lab4_ensemble  # noqa: E402
+
+
+def _mdd_statistics(values, t=2.0):
+    import statistics
+    return t * statistics.stdev(values) * math.sqrt(2 / len(values))
+
+
+def _mdd_numpy(values, t=2.0):
+    import numpy as np
+    return np.float64(t * np.std(np.asarray(values), ddof=1) * np.sqrt(2.0 / len(values)))  # a NumPy number
+
+
+def _mdd_loop(values, t=2.0):
+    n = len(values)
+    mean = sum(values) / n
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return torch.tensor(t * (var * 2 / n) ** 0.5)  # a 0-dim tensor
+
+
+@pytest.mark.parametrize("fn", [_mdd_statistics, _mdd_numpy, _mdd_loop, lab4_ensemble.reference_mdd])
+def test_mdd_check_accepts_correct_ways(fn, capsys):
+    assert lab4.check_mdd(fn)
+    assert "✓" in capsys.readouterr().out
+
+
+def test_mdd_reference_matches_the_package_and_a_float64_oracle():
+    from kdcourse.recipes import lab4 as sd
+    values = [0.71, 0.74, 0.69, 0.73]
+    mean = sum(values) / 4
+    oracle = 2.0 * math.sqrt(sum((v - mean) ** 2 for v in values) / 3) * math.sqrt(2 / 4)
+    assert lab4_ensemble.reference_mdd(values) == pytest.approx(oracle, rel=1e-12)
+    s = math.sqrt(sum((v - mean) ** 2 for v in values) / 3)
+    assert sd.minimal_detectable_difference(s, 4, t=2.0) == pytest.approx(oracle, rel=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(lab4_ensemble.MDD_VARIANTS))
+def test_mdd_check_rejects_each_variant_with_its_hint(name):
+    fn, hint = lab4_ensemble.MDD_VARIANTS[name]
+    with pytest.raises(CheckFailed) as exc:
+        lab4.check_mdd(fn)
+    assert hint in str(exc.value)
+
+
+def _ensemble_loop(member_logits, mode="logits", T=1.0):
+    if mode == "logits":
+        return sum(member_logits) / len(member_logits)
+    log_p = [F.log_softmax(z / T, dim=1) for z in member_logits]
+    top = torch.stack(log_p).max(0).values  # a manual log-sum-exp
+    return T * (top + torch.log(sum(torch.exp(a - top) for a in log_p) / len(log_p)))
+
+
+def _ensemble_shifted(member_logits, mode="logits", T=1.0):
+    """Right up to a constant per row (no - log K): the same probabilities."""
+    z = torch.stack(member_logits)
+    if mode == "logits":
+        return z.mean(0) + 3.0
+    return T * torch.logsumexp(F.log_softmax(z / T, -1), dim=0)
+
+
+@pytest.mark.parametrize("fn", [_ensemble_loop, _ensemble_shifted, lab4_ensemble.reference_ensemble_logits])
+def test_ensemble_check_accepts_correct_ways(fn, capsys):
+    assert lab4.check_ensemble_logits(fn)
+    assert "✓" in capsys.readouterr().out
+
+
+def test_ensemble_reference_matches_the_package_and_a_float64_oracle():
+    from kdcourse.losses.mutual import average_logits, average_probs_as_logits
+    g = torch.Generator().manual_seed(3)
+    members = [torch.randn(4, 6, generator=g, dtype=torch.float64) * 3 for _ in range(3)]
+    for T in (1.0, 2.5):
+        mean_p = sum(torch.softmax(z / T, -1) for z in members) / 3  # the arithmetic mean, directly
+        got = lab4_ensemble.reference_ensemble_logits(members, mode="probs", T=T)
+        assert torch.allclose(torch.softmax(got / T, -1), mean_p, rtol=1e-12, atol=1e-15)
+        assert torch.allclose(got, average_probs_as_logits(members, T=T), rtol=1e-12, atol=1e-12)
+    assert torch.equal(lab4_ensemble.reference_ensemble_logits(members), average_logits(members))
+
+
+@pytest.mark.parametrize("name", sorted(lab4_ensemble.ENSEMBLE_VARIANTS))
+def test_ensemble_check_rejects_each_variant_with_its_hint(name):
+    fn, hint = lab4_ensemble.ENSEMBLE_VARIANTS[name]
+    with pytest.raises(CheckFailed) as exc:
+        lab4.check_ensemble_logits(fn)
+    assert hint in str(exc.value)
+
+
+def test_ensemble_check_names_an_in_place_change():
+    def in_place(member_logits, mode="logits", T=1.0):
+        for z in member_logits:
+            z.data /= T
+        return lab4_ensemble.reference_ensemble_logits([z * T for z in member_logits], mode=mode, T=T)
+
+    with pytest.raises(CheckFailed, match="in place"):
+        lab4.check_ensemble_logits(in_place)
+
+
+def test_averaged_ensemble_as_a_model_and_a_teacher():
+    from kdcourse.models.heads import EnsembleTeacher
+    from kdcourse.recipes import lab4 as sd
+    torch.manual_seed(0)
+    members = [nn.Linear(5, 3).double() for _ in range(3)]
+    x = torch.randn(4, 5, dtype=torch.float64)
+    for mode in ("logits", "probs"):
+        ours = sd.Averaged(members, lab4_ensemble.reference_ensemble_logits, mode=mode, T=2.0)
+        assert torch.allclose(ours(x), EnsembleTeacher(members, mode=mode, T=2.0)(x), atol=1e-12)
+    obj = sd.ensemble_distill(members, mode="probs", T=2.0, average=lab4_ensemble.reference_ensemble_logits)
+    assert isinstance(obj.teacher, sd.Averaged)
+    with pytest.raises(ValueError, match="mode"):
+        sd.Averaged(members, lab4_ensemble.reference_ensemble_logits, mode="median")

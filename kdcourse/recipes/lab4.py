@@ -28,7 +28,6 @@ Four methods, each a few lines on top of the one loop (:func:`kdcourse.train.fit
 """
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -36,24 +35,41 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .. import data as data_module
 from .. import models, runs, runtime
 from ..data import ImageData, Split, with_label_noise  # noqa: F401  (with_label_noise: re-exported for the lab)
 from ..distill.self import ExitDistillation, MutualLearning
 from ..models.heads import DeepSupervision, EnsembleTeacher
 from ..profiles import Lab4Settings as LabSettings, lab4_settings as settings  # noqa: F401
 from ..runs import compare_row, per_seed, significance, summary_of, verdict  # noqa: F401
-from ..train import Distill, History, Objective, evaluate, fit, memo_logits
+from ..train import Distill, History, Objective, evaluate, fit
+
+
+class Averaged(nn.Module):
+    """An ensemble as one model ``x -> logits``, averaged by ``average(member_logits,
+    mode=mode, T=T)`` (the lab's own ``ensemble_logits``; :class:`EnsembleTeacher`
+    is the package's)."""
+
+    def __init__(self, members: Sequence[nn.Module], average: Callable, mode: str = "logits", T: float = 1.0):
+        super().__init__()
+        if mode not in ("logits", "probs"):
+            raise ValueError(f"mode must be 'logits' (average logits) or 'probs' (average probabilities), got {mode!r}")
+        if not list(members):
+            raise ValueError("members is empty: pass at least one trained model")
+        self.members, self.average, self.mode, self.T = nn.ModuleList(members), average, mode, float(T)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.average([m(x) for m in self.members], mode=self.mode, T=self.T)
 
 
 def ensemble_distill(members: Sequence[nn.Module], mode: str = "logits", T: float = 4.0, alpha: float = 0.9,
-                     loss: Callable | None = None) -> Distill:
+                     loss: Callable | None = None, average: Callable | None = None) -> Distill:
     """``Distill`` from the ensemble of ``members`` (one temperature for both
     the averaging and the loss, so ``mode="probs"`` distils exactly the
-    averaged probabilities at ``T``)."""
-    return Distill(EnsembleTeacher(members, mode=mode, T=T), loss=loss, T=T, alpha=alpha)
+    averaged probabilities at ``T``); ``average``: your own
+    ``average(member_logits, mode=, T=)`` instead of :class:`EnsembleTeacher`."""
+    teacher = EnsembleTeacher(members, mode=mode, T=T) if average is None else Averaged(members, average, mode, T)
+    return Distill(teacher, loss=loss, T=T, alpha=alpha)
 
 
 # --------------------------------------------------------------------------
@@ -314,108 +330,6 @@ def run_mutual(build, data: ImageData, *, seeds: Sequence[int], peers: int = 2, 
 
 # The laptop lab's networks see all 8,000 training images (as lab 1's students):
 # on 4,000 the scratch network's seed-to-seed spread hid every effect.
-LAPTOP_N_TRAIN = 8000
-
-
-def lab_data(profile) -> ImageData:
-    """The data of lab 4. Offline profiles generate only the students'
-    splits (laptop: ``LAPTOP_N_TRAIN`` training images); no network here
-    needs the teachers' larger set, which takes most of the generation
-    time. The validation and test images are those
-    of :func:`kdcourse.data.load`, the training images are drawn from the
-    same distribution but are not the same images as in labs 1 and 2."""
-    if profile.dataset == "shapes":
-        n_train = min(profile.n_train, LAPTOP_N_TRAIN) if profile.name == "laptop" else profile.n_train
-        return data_module.shapes(n_train, profile.n_val, profile.n_test)
-    return data_module.load(profile)
-
-
-def temperature_sweep(teacher: nn.Module, build, data: ImageData, temperatures: Sequence[float], *, alpha: float,
-                      epochs: int, lr: float, seed: int = 0, batch_size: int = 128, progress: bool = True) -> list[dict]:
-    """Distil one fresh network from ``teacher`` at each temperature (one
-    seed, ``seed + 1``, so the students do not start from the teacher's
-    initial weights). Returns rows with the teacher's mean soft-target
-    entropy on the training images at that T (bits), and the student's
-    validation and test accuracy after the last epoch."""
-    train_logits = memo_logits(teacher, data.train)  # the Distill runs below reuse this teacher pass
-    rows = []
-    for T in temperatures:
-        p = F.softmax(train_logits / float(T), dim=1)
-        entropy = float(-(p * p.clamp_min(1e-12).log2()).sum(1).mean())
-        run = runs.train_run(f"T={T:g}", build, data, objective=lambda T=T: Distill(teacher, T=T, alpha=alpha),
-                             epochs=epochs, lr=lr, seed=seed + 1, batch_size=batch_size, progress=progress)
-        rows.append({"T": float(T), "entropy_bits": entropy, "val_acc": run.val_acc, "test_acc": run.test_acc, "run": run})
-    return rows
-
-
-# --------------------------------------------------------------------------
-# How small a difference these seeds can show
-# --------------------------------------------------------------------------
-
-# Two-sided 5 % critical values of Student's t, t_{0.975}(dof) (any table, e.g.
-# NIST/SEMATECH e-Handbook of Statistical Methods, section 1.4.2.10 "Critical
-# values of the Student's t distribution"); tested against a numerical
-# inversion of the t distribution in tests/test_checks_lab4.py.
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-         12: 2.179, 14: 2.145, 16: 2.120, 18: 2.101, 20: 2.086, 30: 2.042, 60: 2.000}
-
-
-def t_critical(dof: int) -> float:
-    """t_{0.975}(dof), the two-sided 5 % critical value (the nearest tabulated
-    dof at or below ``dof``; 1.96 beyond 60)."""
-    if not isinstance(dof, int) or dof < 1:
-        raise ValueError(f"dof must be an int >= 1 (degrees of freedom), got {dof!r}")
-    if dof > 60:
-        return 1.96
-    return T_975[max(d for d in T_975 if d <= dof)]
-
-
-def minimal_detectable_difference(spread, n: int, t: float | None = None) -> float:
-    """The smallest difference of means (in the units of ``spread``) between two
-    methods run on ``n`` seeds each, both with seed-to-seed std ``spread``,
-    that a two-sample test at threshold ``t`` calls real::
-
-        MDD = t · s · sqrt(2 / n)
-
-    ``t=None`` takes the two-sided 5 % critical value t_{0.975}(2n − 2); the
-    lab's readings use the lenient rule |Welch t| >= 2 (``t=2``). A true
-    difference equal to the MDD is detected only about half the time (50 %
-    power); for 80 % power add t_{0.8} to t (about +0.9 at these dofs)."""
-    s = float(getattr(spread, "std", spread))
-    if not (isinstance(n, int) and n >= 2):
-        raise ValueError(f"n must be an int >= 2 (seeds per method), got {n!r}")
-    if s < 0 or s != s:
-        raise ValueError(f"spread must be a standard deviation >= 0, got {s!r}")
-    t = t_critical(2 * n - 2) if t is None else float(t)
-    return t * s * math.sqrt(2.0 / n)
-
-
-def mdd_line(spread, n: int, scale: float = 100.0) -> str:
-    """One line: the MDD at the lab's rule (t = 2) and at the 5 % level."""
-    s = float(getattr(spread, "std", spread))
-    rule, five = minimal_detectable_difference(s, n, t=2.0), minimal_detectable_difference(s, n)
-    return (f"seed std {scale * s:.2f} points over n = {n} seeds → minimal detectable difference "
-            f"MDD = t·s·√(2/n) = {scale * rule:.2f} points at the lab's rule |t| ≥ 2, "
-            f"{scale * five:.2f} points at the 5 % level (t = {t_critical(2 * n - 2):.3f}, {2 * n - 2} d.o.f.)")
-
-
-def side_by_side(rows_by_column: dict) -> list[dict]:
-    """One table from several columns' :func:`~kdcourse.runs.compare_row` lists
-    (e.g. clean and noisy labels): a row per method, each column's accuracy,
-    difference to its scratch row and reading; "not run" where a column lacks
-    the method."""
-    methods = list(dict.fromkeys(r["method"] for rows in rows_by_column.values() for r in rows))
-    table = []
-    for method in methods:
-        row = {"method": method, "at inference": ""}
-        for column, rows in rows_by_column.items():
-            r = next((r for r in rows if r["method"] == method), None)
-            row["at inference"] = row["at inference"] or (r["at inference"] if r else "")
-            row[f"{column}: test acc (%)"] = r["test acc (%)"] if r else "not run"
-            row[f"{column}: Δ (points)"] = r["Δ vs scratch (points)"] if r else ""
-            row[f"{column}: reading"] = r["reading"] if r else ""
-        table.append(row)
-    return table
 
 
 def _exit_loss(loss, T, alpha):
@@ -427,3 +341,6 @@ def _exit_loss(loss, T, alpha):
 # The reference answers of the lab's later exercises and their runners (re-exported: the lab calls sd.<name>).
 from .lab4_exercises import (ExitLoss, born_again_tuned, deep_supervision_loss, mutual_step_in_turn,  # noqa: E402,F401
                              run_born_again_tuned, run_mutual_in_turn)
+# The lab's data, its temperature sweep and its reporting (re-exported: the lab calls sd.<name>).
+from .lab4_report import (LAPTOP_N_TRAIN, T_975, lab_data, mdd_line, minimal_detectable_difference,  # noqa: E402,F401
+                          side_by_side, t_critical, temperature_sweep)
