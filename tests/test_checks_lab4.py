@@ -218,9 +218,15 @@ from kdcourse.models.heads import DeepSupervision  # noqa: E402
 from kdcourse.recipes import lab4 as recipe  # noqa: E402
 
 
-def test_lab4_declares_its_five_exercises_in_notebook_order():
+def test_lab4_declares_its_exercises_in_notebook_order():
+    from kdcourse import labgen
     names = [e.name for e in contract.exercises_for(4)]
-    assert names == ["born_again", "born_again_tuned", "deep_supervision_loss", "mutual_loss", "mutual_step_in_turn"]
+    assert names == ["mdd", "born_again", "born_again_tuned", "ensemble_logits", "deep_supervision_loss", "mutual_loss",
+                     "mutual_step_in_turn"]
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cells = labgen.solution_functions(labgen.read(os.path.join(root, "solutions", "04_self_distillation.ipynb")))
+    assert sorted(cells, key=cells.get) == names
     for e in contract.exercises_for(4):
         for seed in e.hidden_seeds:  # probes are deterministic given the seed
             assert contract.compare(contract.run_probe(e, e.reference, seed), contract.run_probe(e, e.reference, seed)) is None \
