@@ -462,3 +462,139 @@ def test_new_probes_run_in_a_kernel_that_refuses_references_and_isolate_earlier_
             data = got["data"][name][str(s)]
             assert "raised" not in data, (name, s, data)
             assert ex.differs(data, contract.run_probe(ex, ex.reference, s), s) is None, (name, s)
+
+
+# ------------------------------------------------------------ the similarity part: channel statistics, PKT, linear CKA
+
+from kdcourse.checks import contract as _contract  # noqa: E402
+from kdcourse.checks import lab2_similarity as lsim  # noqa: E402
+
+SIMILARITY = ["feature_stats_loss", "pkt_loss", "linear_cka"]
+SIM_VARIANTS = [(n, v) for n in SIMILARITY for v in sorted(_contract.exercise(2, n).variants)]
+
+
+def test_stats_reference_equals_the_package_loss_and_commutes_with_the_regressor():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(3, 4, 6, 6, generator=g, dtype=torch.float64), torch.randn(3, 7, 3, 3, generator=g, dtype=torch.float64)
+    reg = feature.HintRegressor(4, 7).double()
+    ref = lsim.reference_stats_loss(s, t, reg)
+    assert torch.allclose(ref, feature.feature_stats_loss(s, t, reg), atol=1e-12)
+    by_hand = ((reg(s.mean((2, 3), keepdim=True)).flatten(1) - t.mean((2, 3))) ** 2).mean()  # regressor after the mean
+    assert torch.allclose(ref, by_hand, atol=1e-12)
+
+
+def test_pkt_reference_against_a_float64_loop_and_its_recipe_copy():
+    import math
+
+    from kdcourse.recipes import lab2 as recipe
+
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(5, 3, generator=g, dtype=torch.float64), torch.randn(5, 8, generator=g, dtype=torch.float64)
+
+    def cond(f):
+        rows = []
+        for i in range(5):
+            k = [(float(F.cosine_similarity(f[i], f[j], dim=0)) + 1) / 2 for j in range(5)]
+            rows.append([v / sum(k) for v in k])
+        return rows
+
+    ps, pt = cond(s), cond(t)
+    want = sum(pt[i][j] * math.log((pt[i][j] + 1e-7) / (ps[i][j] + 1e-7)) for i in range(5) for j in range(5)) / 25
+    assert float(lsim.reference_pkt(s, t)) == pytest.approx(want, abs=1e-12)
+    assert float(recipe.pkt_loss(s, t)) == pytest.approx(want, abs=1e-12)
+    assert float(lsim.reference_pkt(t, t)) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_cka_reference_against_the_hsic_form_and_its_invariances():
+    g = torch.Generator().manual_seed(2)
+    X, Y = torch.randn(30, 6, generator=g, dtype=torch.float64), torch.randn(30, 11, generator=g, dtype=torch.float64)
+    H = torch.eye(30, dtype=torch.float64) - 1 / 30
+    K, L = H @ X @ X.t() @ H, H @ Y @ Y.t() @ H  # centred Gram matrices
+    hsic = lambda a, b: float((a * b).sum())  # noqa: E731
+    assert lsim.reference_cka(X, Y) == pytest.approx(hsic(K, L) / (hsic(K, K) * hsic(L, L)) ** 0.5, abs=1e-12)
+    q, _ = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64))
+    assert lsim.reference_cka(X, X @ q * 3 + 5) == pytest.approx(1.0, abs=1e-12)  # rotation, scale, offset
+    assert lsim.reference_cka(X.view(30, 3, 2, 1), Y) == pytest.approx(lsim.reference_cka(X, Y), abs=1e-12)
+
+
+def _stats_other(student, teacher, regressor):
+    s = regressor(student).flatten(2).mean(-1)
+    t = teacher.flatten(2).mean(-1).detach()
+    return ((s - t) ** 2).sum() / s.numel()
+
+
+def _pkt_other(student, teacher, eps=1e-7):
+    def cond(f):
+        n = f / f.norm(dim=1, keepdim=True)
+        k = 0.5 * (torch.einsum("id,jd->ij", n, n) + 1)
+        return k / k.sum(-1, keepdim=True)
+
+    ps, pt = cond(student), cond(teacher).detach()
+    return torch.sum(pt * (torch.log(pt + eps) - torch.log(ps + eps))) / pt.numel()
+
+
+def _cka_gram(X, Y):
+    X, Y = X.reshape(len(X), -1).to(torch.float64), Y.reshape(len(Y), -1).to(torch.float64)
+    n = len(X)
+    H = torch.eye(n, dtype=torch.float64) - torch.full((n, n), 1.0 / n, dtype=torch.float64)
+    K, L = H @ X @ X.T @ H, H @ Y @ Y.T @ H
+    return ((K * L).sum() / torch.sqrt((K * K).sum() * (L * L).sum())).item()
+
+
+@pytest.mark.parametrize("name,fn", [
+    ("feature_stats_loss", lsim.reference_stats_loss), ("feature_stats_loss", _stats_other),
+    ("pkt_loss", lsim.reference_pkt), ("pkt_loss", _pkt_other),
+    ("linear_cka", lsim.reference_cka), ("linear_cka", _cka_gram),
+])
+def test_similarity_checks_accept_correct_answers_written_other_ways(name, fn, capsys):
+    assert _contract.exercise(2, name).check(fn) is True
+    assert "✓" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name,variant", SIM_VARIANTS, ids=[f"{n}-{v}" for n, v in SIM_VARIANTS])
+def test_similarity_checks_reject_each_variant_with_its_hint(name, variant):
+    ex = _contract.exercise(2, name)
+    fn, hint = ex.variants[variant]
+    with pytest.raises(CheckFailed) as err:
+        ex.check(fn)
+    assert hint in str(err.value)
+
+
+@pytest.mark.parametrize("name,variant", SIM_VARIANTS, ids=[f"{n}-{v}" for n, v in SIM_VARIANTS])
+def test_similarity_grader_names_each_variant_on_the_hidden_seeds(name, variant):
+    ex = _contract.exercise(2, name)
+    seeds = ex.hidden_seeds
+    ref = {s: _contract.run_probe(ex, ex.reference, s) for s in seeds}
+    assert ref == {s: _contract.run_probe(ex, ex.reference, s) for s in seeds}
+    assert _contract.diagnose_data(ex, ref, ref).ok
+    fn, hint = ex.variants[variant]
+    student = {s: _contract.run_probe(ex, fn, s) for s in seeds}
+    v = _contract.diagnose_data(ex, student, ref, lambda n, s: _contract.run_probe(ex, ex.variants[n][0], s))
+    assert not v.ok and hint in v.hint
+
+
+def test_similarity_checks_name_in_place_changes_and_pass_not_implemented():
+    def cka_inplace(X, Y):
+        X -= X.mean(0, keepdim=True)
+        return lsim.reference_cka(X, Y)
+
+    with pytest.raises(CheckFailed, match="changed its input X in place"):
+        lab2.check_cka(cka_inplace)
+
+    def stub(*args, **kwargs):
+        raise NotImplementedError()
+
+    for check in (lab2.check_stats_loss, lab2.check_pkt, lab2.check_cka):
+        with pytest.raises(NotImplementedError):
+            check(stub)
+
+
+def test_pkt_method_trains_the_given_loss_on_the_pooled_embeddings():
+    from kdcourse.recipes import lab2 as recipe
+
+    teacher = torch.nn.Linear(2, 2)
+    mine = lambda s, t: lsim.reference_pkt(s, t)  # noqa: E731
+    obj = recipe.lab2_objective("PKT", teacher, {"pkt": 7.0}, pkt_loss=mine)()
+    assert [(t.student, t.teacher, t.weight, t.loss) for t in obj.terms] == [("fc:input", "fc:input", 7.0, mine)]
+    assert recipe.lab2_objective("PKT", teacher, {})().terms[0].weight == recipe.PKT_WEIGHT  # the published default
+    assert recipe.scale_weights(recipe.REPDISTILLER_WEIGHTS, "PKT", 0.1)["pkt"] == pytest.approx(0.1 * recipe.PKT_WEIGHT)

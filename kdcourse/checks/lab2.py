@@ -1597,3 +1597,11 @@ EXERCISES = [
                       reference=_reference_info_nce, variants=INFO_NCE_VARIANTS, hidden_seeds=tuple(range(5)),
                       rtol=1e-6, atol=1e-9),
 ]
+
+# The similarity part (the handout's channel statistics, PKT, linear CKA): checks in lab2_similarity.
+from .lab2_similarity import (  # noqa: E402
+    CKA_VARIANTS, PKT_VARIANTS, STATS_VARIANTS, check_cka, check_pkt, check_stats_loss,
+    declarations as _similarity_declarations,
+)
+
+EXERCISES += _similarity_declarations()

@@ -27,10 +27,28 @@ from ..train import Objective
 #: Lab 2's methods -> the entries of the weights dict each one uses (scaled
 #: together when a weight is chosen; "response + feature" reuses FitNets').
 LAB2_WEIGHT_KEYS = {"feature (FitNets)": ("hint",), "AT": ("at",), "SP": ("sp",),
-                    "RKD": ("rkd_distance", "rkd_angle"), "CRD": ("crd",)}
+                    "RKD": ("rkd_distance", "rkd_angle"), "CRD": ("crd",), "PKT": ("pkt",)}
 LAB2_METHODS = ("scratch", "response (KD)", "feature (FitNets)", "response + feature", "AT", "SP", "RKD", "CRD",
-                "InfoNCE (in-batch)")
+                "InfoNCE (in-batch)", "PKT")
+#: PKT's loss weight in RepDistiller's CIFAR-100 scripts (``-b 30000``), next to
+#: :data:`kdcourse.profiles.REPDISTILLER_WEIGHTS` (the notebook adds it).
+PKT_WEIGHT = 30000.0
+_EXTRA_WEIGHTS = {"pkt": PKT_WEIGHT}  # used where a weights dict (e.g. the profile's) has no entry for PKT
 
+
+def pkt_loss(student: torch.Tensor, teacher: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """PKT (Passalis & Tefas, ECCV 2018) as RepDistiller computes it: cosine
+    kernels (K + 1) / 2 of the (B, D) embeddings, each row normalised to
+    p(j | i), mean over the B² entries of p_t log((p_t + eps) / (p_s + eps));
+    the teacher a constant. (The default of :func:`lab2_objective`; the lab's
+    student writes their own.)"""
+    def cond(f):
+        u = torch.nn.functional.normalize(f.flatten(1), dim=1)
+        k = (u @ u.t() + 1) / 2
+        return k / k.sum(dim=1, keepdim=True)
+
+    p_s, p_t = cond(student), cond(teacher.detach())
+    return (p_t * torch.log((p_t + eps) / (p_s + eps))).mean()
 
 
 def lab_settings(profile) -> dict:
@@ -44,9 +62,9 @@ def scale_weights(weights: dict, method: str, scale: float) -> dict:
         raise ValueError(f"method {method!r} has no loss weight; methods with one: {sorted(LAB2_WEIGHT_KEYS)}")
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be a positive finite number (a multiple of the weight), got {scale!r}")
-    out = dict(weights)
+    out, base = dict(weights), {**_EXTRA_WEIGHTS, **weights}
     for key in LAB2_WEIGHT_KEYS[method]:
-        out[key] = float(weights[key]) * float(scale)
+        out[key] = float(base[key]) * float(scale)
     return out
 
 
@@ -55,7 +73,7 @@ def lab2_objective(method: str, teacher: nn.Module, weights: dict, *, crd_k: int
                    rkd_distance: Callable = relation.rkd_distance, rkd_angle: Callable = relation.rkd_angle,
                    sp_loss: Callable = relation.similarity_preserving,
                    info_nce: Callable = _info_nce, fitnets: Callable | None = None,
-                   nce_temperature: float = 0.1) -> Callable[[], Objective] | None:
+                   nce_temperature: float = 0.1, pkt_loss: Callable = pkt_loss) -> Callable[[], Objective] | None:
     """A zero-argument factory of Lab 2's objective ``method`` (``None`` for
     scratch: plain cross-entropy), with the loss weights in ``weights``.
 
@@ -68,11 +86,14 @@ def lab2_objective(method: str, teacher: nn.Module, weights: dict, *, crd_k: int
     (in-batch)" is CE + w * info_nce(regressor(student embedding), teacher
     embedding) on the pooled embeddings (a linear regressor to the teacher's
     width), with CRD's weight: the other B - 1 images of the batch are the
-    negatives, no memory bank.
+    negatives, no memory bank. "PKT" is CE + w * pkt_loss(student embedding,
+    teacher embedding) on the pooled embeddings (widths need not match); its
+    weight defaults to :data:`PKT_WEIGHT` when ``weights`` has no "pkt".
     """
     if method not in LAB2_METHODS:
         raise ValueError(f"unknown Lab 2 method {method!r}; choose one of {list(LAB2_METHODS)}")
     needs = LAB2_WEIGHT_KEYS.get({"response + feature": "feature (FitNets)", "InfoNCE (in-batch)": "CRD"}.get(method, method), ())
+    weights = {**_EXTRA_WEIGHTS, **weights}
     missing = [k for k in needs if k not in weights]
     if missing:
         raise ValueError(f"weights lacks {missing} for {method!r}; start from dict(REPDISTILLER_WEIGHTS)")
@@ -94,6 +115,8 @@ def lab2_objective(method: str, teacher: nn.Module, weights: dict, *, crd_k: int
             return [Term(f"layer{i}", f"layer{i}", at_loss, w["at"], name="at") for i in (1, 2, 3)]
         if method == "SP":
             return [Term("layer3", "layer3", sp_loss, w["sp"], name="sp")]
+        if method == "PKT":
+            return [Term("fc:input", "fc:input", pkt_loss, w["pkt"], name="pkt")]
         if method == "InfoNCE (in-batch)":
             return [Term("fc:input", "fc:input", in_batch, w["crd"], name="info_nce")]
         if method == "RKD":  # distance + angle on the pooled embeddings
@@ -218,7 +241,7 @@ def weight_text(weights: dict, method: str) -> str:
 
 #: CIFAR-100 top-1 (%), resnet32x4 -> resnet8x4, Tian et al. (ICLR 2020), Table 1
 PUBLISHED_ACC = {"teacher": 79.42, "scratch": 72.50, "response (KD)": 73.33, "feature (FitNets)": 73.50, "AT": 73.44,
-                 "SP": 72.94, "RKD": 71.90, "CRD": 75.51}
+                 "SP": 72.94, "RKD": 71.90, "PKT": 73.64, "CRD": 75.51}
 
 
 def published_rows(ex: Experiments, names: Sequence[str], published: dict, teacher_info: dict) -> list[dict]:
