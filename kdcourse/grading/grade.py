@@ -4,12 +4,16 @@
     result = grade_notebook(lab, "alice.ipynb")           # -> result.NotebookResult
 
 1. The notebook is read with nbformat (nbformat 3 upgraded, not rejected).
-2. Its code cells, up to the last cell that defines an exercise function
-   (``Options.all_cells`` runs all), are sent to :mod:`kdcourse.grading.runner`
-   in a kernel started by ``launch`` (the batch passes the bubblewrap
-   launcher of :mod:`kdcourse.grading.sandbox`; the default here runs the
-   runner as a plain subprocess, for trusted notebooks and tests). Cells go
-   on after errors.
+2. The statements the exercises need (:mod:`kdcourse.grading.slicing`: the
+   exercise definitions and, by name, whatever they use; not the lab's
+   experiments) are sent to :mod:`kdcourse.grading.runner` in a kernel
+   started by ``launch`` (the batch passes the bubblewrap launcher of
+   :mod:`kdcourse.grading.sandbox`; the default here runs the runner as a
+   plain subprocess, for trusted notebooks and tests). Cells go on after
+   errors. When that slice leaves a name undefined (a ``NameError`` in it or
+   in a probe, or an exercise defined in some cell but missing) the
+   notebook is graded again running every code cell up to its last exercise
+   cell (:func:`plan`); ``Options.all_cells`` runs every cell from the start.
 3. For each declared exercise (:mod:`kdcourse.checks.contract`) the grader
    sends probe requests for its hidden seeds plus ``Options.random_seeds``
    fresh seeds from :mod:`secrets`, receives plain data, validates it,
@@ -32,6 +36,7 @@ import time
 from dataclasses import dataclass
 
 from .. import labgen
+from . import slicing
 from ..checks import contract
 from . import result as R
 from .session import KernelGone, Session, kill_kernel, plain_launch
@@ -263,30 +268,61 @@ def grade_notebook(lab: Lab, nb, *, student: str | None = None, path: str = "", 
         if len(idx) > 1:
             notes.append(f"{name} is defined in {len(idx)} cells (the last one run counts)")
     cells = nb["cells"]
+    if options.all_cells:
+        sources = {i: labgen.source(cells[i]) for i in order}
+    else:
+        exercise_cells = {i for idx in where.values() for i in idx}
+        sources = slicing.exercise_slice(nb, [e.name for e in lab.exercises], exercise_cells)
+        skip = set(options.skip_tags)
+        sources = {i: s for i, s in sources.items() if not skip & set(cells[i].get("metadata", {}).get("tags", []))}
+    outcome = _run(lab, cells, sources, where, options, launch)
+    if not options.all_cells and outcome.get("suspect") and not outcome.get("start_failed"):
+        again = _run(lab, cells, {i: labgen.source(cells[i]) for i in order}, where, options, launch)
+        again["notes"].insert(0, f"graded from every cell up to the last exercise: the exercises' own definitions "
+                                 f"alone left {outcome['suspect']}")
+        outcome = again
+    if outcome.get("start_failed"):
+        return R.not_graded(student, path, lab.exercises, "sandbox failed",
+                            f"the kernel did not start ({outcome['start_failed']})", notes + outcome["notes"],
+                            time.monotonic() - t0, sandbox)
+    return R.NotebookResult(student, path, outcome["results"], outcome["status"], notes + outcome["notes"],
+                            time.monotonic() - t0, sandbox)
+
+
+def _run(lab: Lab, cells, sources: dict, where: dict, options: R.Options, launch) -> dict:
+    """Run ``sources`` ({cell index: code}) in a kernel (restarted once when a
+    probe kills it) and probe every exercise: ``{"results", "status",
+    "notes", "suspect", "start_failed"}``."""
+    order = sorted(sources)
     params = next((i for i, c in enumerate(cells) if "parameters" in (c.get("metadata", {}).get("tags") or [])), None)
     job = {"lab": lab.name, "exercises": [e.name for e in lab.exercises],
-           "cells": [{"index": i, "source": labgen.source(cells[i])} for i in order],
-           "preamble": f"PROFILE = {options.profile!r}  # injected by the grader", "preamble_after": params,
-           "timeout": options.timeout}
+           "cells": [{"index": i, "source": sources[i]} for i in order],
+           "preamble": f"PROFILE = {options.profile!r}  # injected by the grader",
+           "preamble_after": params if params in sources else None, "timeout": options.timeout}
     env = {"KDCOURSE_PROFILE": options.profile, "MPLBACKEND": "Agg",
            "KDCOURSE_CACHE": options.cache or ".kdcourse/cache", "KDCOURSE_DATA": options.data or ".kdcourse/data"}
     results = {e.name: R.ExerciseResult(e.name, float(e.points)) for e in lab.exercises}
-    state = {"status": "graded", "cell_errors": {}, "stopped": "", "first": True}
+    state = {"status": "graded", "cell_errors": {}, "stopped": "", "first": True, "suspect": ""}
+    notes: list = []
     pending = list(lab.exercises)
     for attempt_ in range(1 + RESTARTS):
         try:
             pending = _kernel_pass(job, env, launch, options, pending, results, where, notes, state)
         except _StartFailed as exc:
-            return R.not_graded(student, path, lab.exercises, "sandbox failed", f"the kernel did not start ({exc})",
-                                notes, time.monotonic() - t0, sandbox)
+            return {"start_failed": str(exc), "notes": notes}
         if not pending or state.get("cells_gone"):
             break
         notes.append(f"the kernel was restarted after probing {state['killed_by']} (cells run again)")
     for name, res in results.items():
         if name not in state.setdefault("decided", set()) and not res.hint:
             res.hint = f"not graded: {state.get('gone', 'the kernel stopped')}"
-    return R.NotebookResult(student, path, [results[e.name] for e in lab.exercises], state["status"], notes,
-                            time.monotonic() - t0, sandbox)
+    named = [f"cell {i} ({e[0]})" for i, e in state["cell_errors"].items() if e[0] in _NAME_ERRORS]
+    suspect = state["suspect"] or (f"a NameError in {named[0]}" if named else "")
+    return {"results": [results[e.name] for e in lab.exercises], "status": state["status"], "notes": notes,
+            "suspect": suspect}
+
+
+_NAME_ERRORS = ("NameError", "UnboundLocalError")
 
 
 RESTARTS = 1  # a kernel that dies while probing one exercise is restarted once for the others
@@ -349,6 +385,11 @@ def _kernel_pass(job, env, launch, options, pending, results, where, notes, stat
                         raise KernelGone(f"probing {ex.name}, the kernel stopped answering")
                     if reply.get("status") != "ok":
                         hint, extra = _reply_hint(ex, reply, seed, where, cell_errors, state["stopped"])
+                        if (reply.get("status") == "missing" and where.get(ex.name)
+                                 and not any(i in cell_errors for i in where[ex.name])) or \
+                                (reply.get("status") == "error" and reply.get("type") in _NAME_ERRORS):
+                            state["suspect"] = state["suspect"] or f"{ex.name} {reply.get('status')} " \
+                                                                   f"({reply.get('type', 'not defined')})"
                         break
                     try:
                         data[seed] = contract.validate(reply.get("data"))
