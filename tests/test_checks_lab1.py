@@ -19,7 +19,7 @@ from kdcourse.recipes import lab1 as recipe
 from kdcourse.train import Distill, TrainState, clear_logit_memo
 
 NEW = ["ce_grad", "kd_grad", "distill_step", "ensemble_logits", "pick_on_validation",
-       "accuracy", "expected_calibration_error", "choose_bias"]
+       "accuracy", "expected_calibration_error", "calibration_temperature", "choose_bias"]
 
 
 def ex(name):
@@ -489,3 +489,24 @@ def test_missing_class_rows_use_the_given_bias_chooser(monkeypatch):
     (mine,) = recipe.missing_class_rows({"m": _Fixed(table)}, ds, 1, choose_bias=chooser)
     (default,) = recipe.missing_class_rows({"m": _Fixed(table)}, ds, 1)
     assert seen == [((n, 3), 1)] and mine == default
+
+
+def test_calibration_temperature_reference_against_a_fine_float64_search():
+    g = torch.Generator().manual_seed(10)
+    true = torch.randn(400, 6, generator=g, dtype=torch.float64)
+    y = torch.distributions.Categorical(logits=true).sample()
+    grid = torch.linspace(0.5, 8, 61, dtype=torch.float64)
+    got = le.reference_calibration_temperature(true * 3, y, grid)  # logits three times too confident
+    nll = [float(-(torch.log_softmax(true * 3 / T, 1).gather(1, y[:, None])).mean()) for T in grid]
+    assert got == float(grid[nll.index(min(nll))]) and 2.0 < got < 4.5
+
+
+def _temperature_vectorised(logits, labels, grid):
+    grid = torch.as_tensor(grid, dtype=logits.dtype)
+    nll = torch.stack([-torch.log_softmax(logits / T, -1)[torch.arange(len(labels)), labels].mean() for T in grid])
+    return grid[int(torch.argmin(nll))].item()
+
+
+@pytest.mark.parametrize("fn", [le.reference_calibration_temperature, _temperature_vectorised])
+def test_calibration_temperature_check_accepts_correct_answers(fn, capsys):
+    assert checks.check_calibration_temperature(fn) is True and "✓" in capsys.readouterr().out

@@ -187,7 +187,8 @@ EXERCISES += _training_declarations()
 
 # The third part (measuring a model: accuracy, calibration, the missing class's bias): checks in lab1_eval.
 from .lab1_eval import (  # noqa: E402
-    check_accuracy, check_choose_bias, check_ece, declarations as _eval_declarations,
+    check_accuracy, check_calibration_temperature, check_choose_bias, check_ece,
+    declarations as _eval_declarations,
 )
 
 EXERCISES += _eval_declarations()

@@ -1,5 +1,6 @@
 """Lab 1 checks, third part: measuring a model — its accuracy on a split,
-the expected calibration error of its probabilities, and the bias of
+the expected calibration error of its probabilities, the temperature that
+calibrates them (chosen on validation), and the bias of
 Hinton's missing-class experiment chosen on validation.
 
 Each check runs the exercise's probe (what the grader runs) through
@@ -217,6 +218,62 @@ def check_ece(fn: Callable) -> bool:
 
 
 # --------------------------------------------------------------------------
+# Temperature scaling: the T that calibrates, chosen on validation
+# --------------------------------------------------------------------------
+
+def reference_calibration_temperature(logits: torch.Tensor, labels: torch.Tensor, grid) -> float:
+    """The T of ``grid`` (first on a tie) minimising the mean cross-entropy of
+    ``logits / T`` on ``labels`` (Guo et al. 2017's temperature scaling)."""
+    nll = [float(torch.nn.functional.cross_entropy(logits / float(T), labels)) for T in grid]
+    return float(list(grid)[nll.index(min(nll))])
+
+
+def _temp_variant(score=None, pick=min, scale=lambda z, T: z / T, ties="first"):
+    def calibration_temperature(logits, labels, grid):
+        values = [float(score(scale(logits, float(T)), labels)) if score else
+                  float(torch.nn.functional.cross_entropy(scale(logits, float(T)), labels)) for T in grid]
+        best = pick(values)
+        i = values.index(best) if ties == "first" else len(values) - 1 - values[::-1].index(best)
+        return float(list(grid)[i])
+    return calibration_temperature
+
+
+TEMPERATURE_VARIANTS = {
+    "accuracy": (_temp_variant(score=lambda z, y: (z.argmax(1) == y).double().mean(), pick=max),
+                 "the temperature is chosen by accuracy, which T cannot change (dividing all logits by T keeps the "
+                 "arg-max): choose it by the cross-entropy (negative log-likelihood) of logits / T."),
+    "maximised": (_temp_variant(pick=max), "this is the temperature with the HIGHEST cross-entropy; take the lowest."),
+    "times_T": (_temp_variant(scale=lambda z, T: z * T), "the logits are multiplied by T; temperature scaling divides them."),
+    "ece": (_temp_variant(score=lambda z, y: _ece_variant()(torch.softmax(z, 1), y)),  # a private copy of the ECE
+            "the temperature is chosen by the binned ECE, which jumps as samples cross bin edges; Guo et al. fit T by "
+            "the cross-entropy (NLL) of logits / T."),
+}
+
+
+def probe_calibration_temperature(fn: Callable, seed: int) -> dict:
+    """60–300 validation samples of 3–10 classes whose logits are
+    over-confident (scaled by 2–6) or under-confident (by 0.3); a grid of
+    temperatures 0.25 … 8 (a list or a 1-D tensor); the T returned."""
+    g = contract.generator(seed)
+    n, c = int(torch.randint(60, 301, (1,), generator=g)), int(torch.randint(3, 11, (1,), generator=g))
+    true = torch.randn(n, c, generator=g, dtype=torch.float64) * 1.5
+    labels = torch.distributions.Categorical(logits=true).sample()
+    factor = [4.0, 0.3, 2.0, 6.0][seed % 4]
+    logits = true * factor
+    grid = torch.linspace(0.25, 8.0, int(torch.randint(12, 40, (1,), generator=g)), dtype=torch.float64)
+    grid = grid.tolist() if seed % 2 else grid
+    before = logits.clone()
+    out = fn(logits, labels, grid)
+    return {"case": f"{n} samples, {c} classes, logits x{factor:g}, {len(grid)} temperatures",
+            "T": number(out, "calibration_temperature"), INPLACE: [] if torch.equal(before, logits) else ["logits"]}
+
+
+def check_calibration_temperature(fn: Callable) -> bool:
+    """``fn(logits, labels, grid)`` → the T of ``grid`` minimising cross-entropy(logits / T, labels)."""
+    return probe_check(_ex("calibration_temperature"), fn)
+
+
+# --------------------------------------------------------------------------
 # The missing class's bias, chosen on validation
 # --------------------------------------------------------------------------
 
@@ -297,6 +354,9 @@ def declarations() -> list:
           variants=ACCURACY_VARIANTS, hidden_seeds=(0, 1, 2, 3, 4, 5), refuse=(reference_accuracy,)),
         E(name="expected_calibration_error", points=1.0, check=check_ece, probe=probe_ece, reference=reference_ece,
           variants=ECE_VARIANTS, hidden_seeds=tuple(range(8)), rtol=1e-6, atol=1e-9, refuse=(reference_ece,)),
+        E(name="calibration_temperature", points=1.0, check=check_calibration_temperature,
+          probe=probe_calibration_temperature, reference=reference_calibration_temperature,
+          variants=TEMPERATURE_VARIANTS, hidden_seeds=tuple(range(6)), refuse=(reference_calibration_temperature,)),
         E(name="choose_bias", points=1.0, check=check_choose_bias, probe=probe_choose_bias,
           reference=reference_choose_bias, variants=BIAS_VARIANTS, hidden_seeds=tuple(range(8)),
           refuse=(reference_choose_bias,)),
