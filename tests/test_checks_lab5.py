@@ -293,3 +293,118 @@ def test_quant_inplace_change_is_named():
 
     with pytest.raises(CheckFailed, match="in place"):
         lab5.check_fake_quantize(divides_in_place)
+
+
+# --------------------------------------------------------------------------
+# The latency table's statistics and the calibration observer's range
+# --------------------------------------------------------------------------
+
+from kdcourse.checks import contract, lab5_stats  # noqa: E402
+
+
+def _summary_sorted(times_ms, min_calls=1000):
+    t = sorted(times_ms)  # a manual median and max
+    n = len(t)
+    p50 = (t[(n - 1) // 2] + t[n // 2]) / 2
+    if n >= min_calls:
+        return {"p50": p50, "tail": f"p99 of {n}", "tail_ms": float(np.percentile(t, 99))}
+    return {"p50": p50, "tail": f"max of {n}", "tail_ms": t[-1]}
+
+
+def _summary_torch(times_ms, min_calls=1000):
+    t = torch.tensor(times_ms, dtype=torch.float64)
+    n = t.numel()
+    tail = ("p99", torch.quantile(t, 0.99)) if n >= min_calls else ("max", t.max())
+    return {"p50": torch.quantile(t, 0.5), "tail": f"{tail[0]} of {n}", "tail_ms": tail[1]}  # 0-dim tensors
+
+
+@pytest.mark.parametrize("fn", [_summary_sorted, _summary_torch, lab5_stats.reference_latency_summary])
+def test_latency_summary_accepts_correct_ways(fn, capsys):
+    assert lab5.check_latency_summary(fn)
+    assert "✓" in capsys.readouterr().out
+
+
+def test_latency_summary_reference_against_an_oracle():
+    times = [5.0, 1.0, 3.0, 2.0, 4.0]
+    assert lab5_stats.reference_latency_summary(times, min_calls=10) == {"p50": 3.0, "tail": "max of 5", "tail_ms": 5.0}
+    many = [float(i) for i in range(1, 1001)]  # p99 of 1..1000, linear interpolation: 1 + 0.99 * 999
+    got = lab5_stats.reference_latency_summary(many)
+    assert got["tail"] == "p99 of 1000" and got["tail_ms"] == pytest.approx(1 + 0.99 * 999) and got["p50"] == 500.5
+    assert times == [5.0, 1.0, 3.0, 2.0, 4.0]
+
+
+@pytest.mark.parametrize("name", sorted(lab5_stats.SUMMARY_VARIANTS))
+def test_latency_summary_rejects_each_variant_with_its_hint(name):
+    fn, hint = lab5_stats.SUMMARY_VARIANTS[name]
+    with pytest.raises(CheckFailed) as exc:
+        lab5.check_latency_summary(fn)
+    assert hint in str(exc.value)
+
+
+def test_latency_summary_names_other_in_place_changes_and_exceptions():
+    def clears(times_ms, min_calls=1000):
+        out = lab5_stats.reference_latency_summary(times_ms, min_calls)
+        times_ms.clear()
+        return out
+
+    with pytest.raises(CheckFailed, match="in place"):
+        lab5.check_latency_summary(clears)
+    with pytest.raises(CheckFailed, match="KeyError"):
+        lab5.check_latency_summary(lambda times_ms, min_calls=1000: {}["p50"])
+
+
+def _range_numpy(batches, percentile=None):
+    x = np.concatenate([b.numpy().ravel() for b in batches]).astype(np.float64)
+    if percentile is None:
+        return x.min(), x.max()  # NumPy numbers
+    return tuple(np.percentile(x, [100 - percentile, percentile]))
+
+
+def _range_loop(batches, percentile=None):
+    lo, hi = min(float(b.min()) for b in batches), max(float(b.max()) for b in batches)
+    if percentile is None:
+        return lo, hi
+    x = torch.cat([b.flatten() for b in batches])  # float32, as the batches
+    return torch.quantile(x, (100 - percentile) / 100), torch.quantile(x, percentile / 100)
+
+
+@pytest.mark.parametrize("fn", [_range_numpy, _range_loop, lab5_stats.reference_observe_range])
+def test_observe_range_accepts_correct_ways(fn, capsys):
+    assert lab5.check_observe_range(fn)
+    assert "✓" in capsys.readouterr().out
+
+
+def test_observe_range_reference_against_an_oracle():
+    batches = [torch.arange(0.0, 50.0).reshape(2, 25), torch.arange(50.0, 101.0)]
+    assert lab5_stats.reference_observe_range(batches) == (0.0, 100.0)
+    lo, hi = lab5_stats.reference_observe_range(batches, percentile=99.0)  # 0..100: the 1st and 99th percentiles
+    assert (lo, hi) == (pytest.approx(1.0), pytest.approx(99.0))
+
+
+@pytest.mark.parametrize("name", sorted(lab5_stats.RANGE_VARIANTS))
+def test_observe_range_rejects_each_variant_with_its_hint(name):
+    fn, hint = lab5_stats.RANGE_VARIANTS[name]
+    with pytest.raises(CheckFailed) as exc:
+        lab5.check_observe_range(fn)
+    assert hint in str(exc.value)
+
+
+def test_observe_range_names_an_in_place_change():
+    def clamps(batches, percentile=None):
+        for b in batches:
+            b.clamp_(max=1.0)
+        return lab5_stats.reference_observe_range(batches, percentile)
+
+    with pytest.raises(CheckFailed, match="in place"):
+        lab5.check_observe_range(clamps)
+
+
+def test_lab5_declares_its_exercises_in_notebook_order():
+    import os
+    from kdcourse import labgen
+    names = [e.name for e in contract.exercises_for(5)]
+    assert names == ["float_layers", "latency_ms", "latency_summary", "qparams", "fake_quantize", "calibration_set",
+                     "observe_range", "quantize_student"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cells = labgen.solution_functions(labgen.read(os.path.join(root, "solutions", "05_deployment.ipynb")))
+    assert sorted(cells, key=cells.get) == names

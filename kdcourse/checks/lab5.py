@@ -349,3 +349,12 @@ EXERCISES[2:2] = [
                       reference=reference_fake_quantize, variants=FAKE_QUANTIZE_VARIANTS, hidden_seeds=tuple(range(6)),
                       rtol=1e-9, atol=1e-12),
 ]
+
+# The latency table's statistics and the calibration observer's range (kdcourse.checks.lab5_stats):
+# latency_summary right after latency_ms, observe_range right after calibration_set.
+from .lab5_stats import (RANGE_VARIANTS, SUMMARY_VARIANTS, check_latency_summary,  # noqa: E402,F401
+                         check_observe_range, probe_latency_summary, probe_observe_range)
+from .lab5_stats import EXERCISES as _STATS  # noqa: E402
+
+EXERCISES.insert([e.name for e in EXERCISES].index("latency_ms") + 1, _STATS["latency_summary"])
+EXERCISES.insert([e.name for e in EXERCISES].index("calibration_set") + 1, _STATS["observe_range"])
