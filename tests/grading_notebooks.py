@@ -128,3 +128,23 @@ def read_rows(path) -> dict:
     """``{student: row}`` of a scores CSV."""
     with open(path, encoding="utf-8", newline="") as f:
         return {r["student"]: r for r in csv.DictReader(f)}
+
+
+def insert_needed(nb: dict, index: int, source: str, exercise: str = "soft_targets") -> dict:
+    """Insert ``source`` at ``index`` so that the grader runs it: the grader
+    runs only what the exercises need (kdcourse.grading.slicing), so the code
+    is executed (in the notebook's globals) by a statement binding ``_SETUP``,
+    and ``exercise`` (defined after ``index``) takes ``_SETUP`` as a default
+    argument. ``_SETUP`` is bound to ``None`` first, so code that raises
+    leaves the exercise defined."""
+    wrapped = (f"_SETUP = None\n\n\ndef _setup():\n    exec({source!r}, globals())\n\n\n_SETUP = _setup()\n")
+    nb = insert(nb, index, wrapped)
+    for cell in nb["cells"][index + 1:]:
+        text = labgen.source(cell)
+        head = f"def {exercise}("
+        if cell["cell_type"] == "code" and head in text:
+            start = text.index(head)
+            close = text.index("):", start)
+            cell["source"] = text[:close] + ", _setup_=_SETUP" + text[close:]
+            return nb
+    raise ValueError(f"no cell after {index} defines {exercise}")

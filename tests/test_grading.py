@@ -15,7 +15,8 @@ import os
 
 import pytest
 
-from grading_notebooks import (LAB1_LAB, LAB1_SOLUTION, cell_defining, first_code_after_parameters, imports_cell, insert,
+from grading_notebooks import (LAB1_LAB, LAB1_SOLUTION, cell_defining, code_cell, first_code_after_parameters, imports_cell, insert,
+                               insert_needed,
                                kd_loss_without_T2, read_rows, reduced, student_copy, write)
 from kdcourse import cli, labgen
 from kdcourse.grading import grade, result as R, safe_io, sandbox
@@ -51,6 +52,33 @@ def test_plan_runs_cells_up_to_the_last_exercise_and_notes_structure():
     assert "deleted" in notes and "reordered" in notes
 
 
+def _slice(cells, names=("soft_targets",)):
+    from kdcourse.grading import slicing
+
+    nb = {"cells": [dict(code_cell(c)) for c in cells]}
+    return {i: "\n".join(line for line in src.split("\n") if line.strip())
+            for i, src in slicing.exercise_slice(nb, list(names), {i for i, c in enumerate(cells)
+                                                                   if set(names) & set(grade.defined_functions(c))}).items()}
+
+
+def test_the_slice_holds_what_the_exercise_needs_wherever_it_is_defined():
+    got = _slice(["PROFILE = None", "import torch\nimport numpy\nprofile = PROFILE",
+                  "EPS = 1e-9\ndef _helper(x):\n    return np.exp(x) + EPS\nTABLE = {}\nTABLE['k'] = 2.0",
+                  "def soft_targets(logits, T, scale=TABLE):\n    return torch.softmax(_helper(logits) / T, -1)\n"
+                  "checks.check_soft_targets(soft_targets)\nresult = soft_targets(z, 2)",
+                  "runs = train_for_an_hour()\nwhile True:\n    pass",
+                  "import numpy as np  # imported after the exercise: Run All binds it before any call"])
+    assert got == {1: "import torch", 2: "EPS = 1e-9\ndef _helper(x):\n    return np.exp(x) + EPS\nTABLE = {}\nTABLE['k'] = 2.0",
+                   3: "def soft_targets(logits, T, scale=TABLE):\n    return torch.softmax(_helper(logits) / T, -1)",
+                   5: "import numpy as np  # imported after the exercise: Run All binds it before any call"}, got
+    # a statement that needs an experiment's result brings the experiment along (the student asked for it)
+    got = _slice(["runs = train()", "BEST = pick(runs)", "def soft_targets(logits, T):\n    return logits * BEST"])
+    assert set(got) == {0, 1, 2}
+    # magics become calls; a cell that does not parse runs whole when it defines the exercise
+    got = _slice(["%matplotlib inline\nimport torch", "def soft_targets(logits, T)\n    return 1"])
+    assert got[1].startswith("def soft_targets(logits, T)") and 0 not in got
+
+
 @pytest.fixture(scope="module")
 def lab1_batch(tmp_path_factory):
     ok, why = sandbox.available()
@@ -72,19 +100,21 @@ def lab1_batch(tmp_path_factory):
         "solution": good,
         "untouched": lab,
         "no_T2": reduced(student_copy(sol, {"kd_loss": kd_loss_without_T2})),
-        "raises": insert(good, imports_cell(good) + 1, "raise RuntimeError('boom')"),
-        "deleted": deleted,
-        "reordered": reordered,
-        "writes_files": insert(good, imports_cell(good) + 1,
-                               "import os\nopen('answers.txt', 'w').write('42')\nos.makedirs('out', exist_ok=True)\n"
-                               "open(os.path.join('out', 'w.bin'), 'wb').write(bytes(100))\nopen('../up.txt', 'w').write('x')"),
-        "floods": insert(good, imports_cell(good) + 1, "for _ in range(10**5):\n    print('spam ' * 40)"),
-        "loop_forever": insert(good, after_params, "while True:\n    pass"),
-        "exits": insert(good, after_params, "import os\nos._exit(3)"),
-        "loop_ignoring_alarms": insert(good, after_params,
-                                       "import signal, time\nfor s in (signal.SIGALRM, signal.SIGINT, signal.SIGTERM):\n"
-                                       "    signal.signal(s, signal.SIG_IGN)\nwhile True:\n    time.sleep(0.05)"),
-        "eats_memory": insert(good, imports_cell(good) + 1, "x = bytearray(8 * 2**30)"),
+        # hostile code where the grader runs it: in a statement an exercise needs
+        "raises": insert_needed(good, imports_cell(good) + 1, "raise RuntimeError('boom')"),
+        "writes_files": insert_needed(good, imports_cell(good) + 1,
+                                      "import os\nopen('answers.txt', 'w').write('42')\nos.makedirs('out', exist_ok=True)\n"
+                                      "open(os.path.join('out', 'w.bin'), 'wb').write(bytes(100))\nopen('../up.txt', 'w').write('x')"),
+        "floods": insert_needed(good, imports_cell(good) + 1, "for _ in range(10**5):\n    print('spam ' * 40)"),
+        "loop_forever": insert_needed(good, after_params, "while True:\n    pass"),
+        "exits": insert_needed(good, after_params, "import os\nos._exit(3)"),
+        "loop_ignoring_alarms": insert_needed(good, after_params,
+                                              "import signal, time\nfor s in (signal.SIGALRM, signal.SIGINT, signal.SIGTERM):\n"
+                                              "    signal.signal(s, signal.SIG_IGN)\nwhile True:\n    time.sleep(0.05)"),
+        "eats_memory": insert_needed(good, imports_cell(good) + 1, "x = bytearray(8 * 2**30)"),
+        # the same code in cells no exercise needs: not run, so it cannot lower the score either
+        "unneeded_loop": insert(good, after_params, "while True:\n    pass"),
+        "unneeded_exit": insert(good, imports_cell(good) + 1, "import os\nos._exit(3)"),
     }
     for name, nb in cases.items():
         write(nb, subs / f"{name}.ipynb")
@@ -153,6 +183,13 @@ def test_time_limit_exit_and_ignored_alarms_stop_only_that_notebook(lab1_batch):
 
 
 @pytest.mark.notebooks
+def test_code_no_exercise_needs_does_not_run(lab1_batch):
+    for name in ("unneeded_loop", "unneeded_exit"):
+        r = lab1_batch[name]
+        assert r["total"] == r["max"] != "0" and r["status"] == "graded", (name, r)
+
+
+@pytest.mark.notebooks
 def test_a_memory_hog_fails_its_cell_not_the_batch(lab1_batch):
     r = lab1_batch["eats_memory"]
     assert r["total"] == r["max"] and "MemoryError" in r["notes"], r
@@ -169,6 +206,7 @@ def test_batch_completes_with_every_file(lab1_batch):
     assert lab1_batch["__rc__"] == 0
     students = {k for k in lab1_batch if not k.startswith("__")}
     assert students == {"solution", "untouched", "no_T2", "raises", "deleted", "reordered", "writes_files", "floods",
-                        "loop_forever", "loop_ignoring_alarms", "exits", "eats_memory", "garbage"}
+                        "loop_forever", "loop_ignoring_alarms", "exits", "eats_memory", "garbage", "unneeded_loop",
+                        "unneeded_exit"}
     assert lab1_batch["__grades__"] == ["01_classic_kd.csv", "01_classic_kd.md", "01_classic_kd.moodle.csv", "feedback"]
     assert lab1_batch["__markdown__"].count("\n| ") == 1 + len(students)  # header + one row per student

@@ -20,8 +20,8 @@ import unicodedata
 
 import pytest
 
-from grading_notebooks import (LAB1_LAB, LAB1_SOLUTION, ROOT, cell_defining, imports_cell, insert, last_exercise_cell,
-                               read_rows, reduced, student_copy, write)
+from grading_notebooks import (LAB1_LAB, LAB1_SOLUTION, ROOT, cell_defining, imports_cell, insert, insert_needed,
+                               last_exercise_cell, read_rows, reduced, student_copy, write)
 from kdcourse import cli, labgen
 from kdcourse.grading import safe_io, sandbox
 
@@ -48,8 +48,9 @@ def _declared():
 
 
 def _stubs(exercises) -> str:
-    """Definitions that make a cell count as an exercise cell (so it runs)."""
-    return "".join(f"def {e.name}(*args, **kwargs):\n    pass\n\n\n" for e in exercises)
+    """Definitions that make a cell count as an exercise cell (so it runs);
+    each reads ``_RAN``, so the grader also runs the statement binding it."""
+    return "".join(f"def {e.name}(*args, **kwargs):\n    _RAN\n\n\n" for e in exercises)
 
 
 def _refs(exercises):
@@ -166,11 +167,11 @@ except Exception:
     pass
 for _top in ('/work', '/tmp', '/home', '/opt', '/mnt', '/srv'):
     _c += glob.glob(_top + '/**/solutions/*.ipynb', recursive=True)
-_run_notebook([c for c in _c if c.endswith('.ipynb')])
+_RAN = _run_notebook([c for c in _c if c.endswith('.ipynb')])
 """),
         "classmate": ("lab", "late", STUBS + EXEC_NOTEBOOK + f"""
 import glob
-_run_notebook([{p['alice']}, '../submissions/alice.ipynb'] + glob.glob('/**/alice.ipynb', recursive=True))
+_RAN = _run_notebook([{p['alice']}, '../submissions/alice.ipynb'] + glob.glob('/**/alice.ipynb', recursive=True))
 """),
         "import_reference": ("lab", "late", delegate),
         "captured_reference": ("lab", "early", capture),
@@ -256,7 +257,8 @@ def batch(tmp_path_factory):
     for name, (base, where, code) in attacks(paths, exercises).items():
         nb = good if base == "good" else lab
         at = imports_cell(nb) + 1 if where == "early" else last_exercise_cell(nb) + 1
-        cases[name] = insert(nb, at, code)
+        # early code runs where the grader runs it: in a statement an exercise needs
+        cases[name] = insert_needed(nb, at, code) if where == "early" else insert(nb, at, code)
     cap = cases["captured_reference"]
     k = last_exercise_cell(cap) + 1
     cases["captured_reference"] = insert(cap, k, "".join(f"def {n}(*a, **k):\n    return _refs[{n!r}](*a, **k)\n\n\n"

@@ -386,7 +386,7 @@ def _kernel_pass(job, env, launch, options, pending, results, where, notes, stat
                     if reply.get("status") != "ok":
                         hint, extra = _reply_hint(ex, reply, seed, where, cell_errors, state["stopped"])
                         if (reply.get("status") == "missing" and where.get(ex.name)
-                                 and not any(i in cell_errors for i in where[ex.name])) or \
+                                 and not any(i in cell_errors for i in where[ex.name]) and not state["stopped"]) or \
                                 (reply.get("status") == "error" and reply.get("type") in _NAME_ERRORS):
                             state["suspect"] = state["suspect"] or f"{ex.name} {reply.get('status')} " \
                                                                    f"({reply.get('type', 'not defined')})"

@@ -95,6 +95,21 @@ def _mutated(node: ast.stmt) -> set:
     return out
 
 
+def _simple_statements(node: ast.stmt):
+    """``node`` and the statements nested in its blocks (``for``, ``if``,
+    ``with``, ``try``), not those inside function or class bodies."""
+    yield node
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return
+    for name in ("body", "orelse", "finalbody", "handlers", "cases"):
+        for sub in getattr(node, name, None) or []:
+            if isinstance(sub, ast.stmt):
+                yield from _simple_statements(sub)
+            else:  # an except handler or a match case: its body
+                for s in getattr(sub, "body", []):
+                    yield from _simple_statements(s)
+
+
 def _scope_names(table: symtable.SymbolTable, top: bool, uses: set, defines: set) -> None:
     for sym in table.get_symbols():
         name = sym.get_name()
@@ -145,7 +160,8 @@ def statements(nb: dict) -> tuple[list[Statement], dict]:
             except (SyntaxError, ValueError, RecursionError, MemoryError):
                 st.star = True  # cannot be analysed: treated as binding anything (runs when it is in a needed cell)
             for node in unit:
-                st.mutates |= _mutated(node)
+                for sub in _simple_statements(node):
+                    st.mutates |= _mutated(sub)
                 if isinstance(node, (ast.Import, ast.ImportFrom)):
                     for a in node.names:
                         if a.name == "*":
