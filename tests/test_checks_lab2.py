@@ -467,7 +467,7 @@ def test_new_probes_run_in_a_kernel_that_refuses_references_and_isolate_earlier_
 # ------------------------------------------------------------ the similarity part: channel statistics, PKT, linear CKA
 
 from kdcourse.checks import contract as _contract  # noqa: E402
-from kdcourse.checks import lab2_similarity as lsim  # noqa: E402
+from kdcourse.checks.lab2 import similarity as lsim  # noqa: E402
 
 SIMILARITY = ["feature_stats_loss", "pkt_loss", "linear_cka"]
 SIM_VARIANTS = [(n, v) for n in SIMILARITY for v in sorted(_contract.exercise(2, n).variants)]

@@ -17,14 +17,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..losses import feature
-from ..recipes.lab2 import pkt_loss as _recipe_pkt
-from . import contract
-from .probing import INPLACE, number, probe_check
+from ...losses import feature
+from ...recipes.lab2 import pkt_loss as _recipe_pkt
+from .. import contract
+from ..probing import INPLACE, number, probe_check
 
 
 def _ex(name: str) -> contract.Exercise:
-    from . import lab2
+    from .. import lab2
 
     return next(e for e in lab2.EXERCISES if e.name == name)
 
