@@ -235,3 +235,68 @@ def test_two_stage_stub_and_wrong_return():
     with pytest.raises(CheckFailed):
         lab3.check_two_stage(lambda teacher, student, train, targets, layer_map, T, alpha:
                              lab3_controls.two_stage_kd(teacher, student, train, targets, layer_map, T, alpha) and None)
+
+
+# --------------------------------------------------------------------------
+# BERT's masking
+# --------------------------------------------------------------------------
+
+from kdcourse.checks import lab3_masking  # noqa: E402
+
+
+def _masking_by_loop(input_ids, vocab_size, generator, prob=0.15, mask_id=4, n_special=5):
+    """Token by token, the draws in another order: a different masking, the same rules."""
+    masked, labels = input_ids.clone(), torch.full_like(input_ids, -100)
+    for b in range(input_ids.shape[0]):
+        for i in range(input_ids.shape[1]):
+            tok = int(input_ids[b, i])
+            u = torch.rand(2, generator=generator)
+            if tok < n_special or float(u[0]) >= prob:
+                continue
+            labels[b, i] = tok
+            if u[1] < 0.8:
+                masked[b, i] = mask_id
+            elif u[1] < 0.9:
+                masked[b, i] = int(torch.randint(n_special, vocab_size, (1,), generator=generator))
+    return masked, labels
+
+
+def _masking_package(input_ids, vocab_size, generator, prob=0.15, mask_id=4, n_special=5):
+    from kdcourse.data.reviews import mask_tokens
+    return mask_tokens(input_ids, vocab_size, generator, prob, mask_id, n_special)
+
+
+@pytest.mark.parametrize("fn", [lab3_masking.reference_mask_tokens, _masking_package, _masking_by_loop])
+def test_mask_tokens_check_accepts_correct_ways(fn, capsys):
+    assert lab3.check_mask_tokens(fn)
+    assert "✓" in capsys.readouterr().out
+
+
+def test_mask_tokens_reference_follows_the_rules():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 50, (200, 100), generator=g)
+    ids[:, 0], ids[:, 60:] = 2, 0
+    before = ids.clone()
+    masked, labels = lab3_masking.reference_mask_tokens(ids, 50, torch.Generator().manual_seed(1))
+    assert torch.equal(ids, before)
+    picked = labels != -100
+    assert not picked[:, 0].any() and not picked[:, 60:].any()
+    assert torch.equal(labels[picked], ids[picked]) and torch.equal(masked[~picked], ids[~picked])
+    share = float(picked[:, 1:60].float().mean())
+    assert abs(share - 0.15) < 0.01  # 11,800 words: std 0.0033
+    assert abs(float((masked[picked] == 4).float().mean()) - 0.8) < 0.03
+    again = lab3_masking.reference_mask_tokens(ids, 50, torch.Generator().manual_seed(1))
+    assert torch.equal(again[0], masked) and torch.equal(again[1], labels)
+
+
+@pytest.mark.parametrize("name", sorted(lab3_masking.MASKING_VARIANTS))
+def test_mask_tokens_check_rejects_each_variant_with_its_hint(name):
+    fn, hint = lab3_masking.MASKING_VARIANTS[name]
+    with pytest.raises(CheckFailed) as exc:
+        lab3.check_mask_tokens(fn)
+    assert hint in str(exc.value)
+
+
+def test_mask_tokens_check_names_an_exception():
+    with pytest.raises(CheckFailed, match="ZeroDivisionError"):
+        lab3.check_mask_tokens(lambda input_ids, vocab_size, generator, **kw: 1 / 0)

@@ -396,3 +396,5 @@ EXERCISES += [
                       rtol=0.0, atol=0.0),
 ]
 
+from .lab3_masking import EXERCISE as _MASKING, MASKING_VARIANTS, check_mask_tokens, probe_mask_tokens  # noqa: E402,F401
+EXERCISES.append(_MASKING)  # BERT's masking of the unlabelled text (kdcourse.checks.lab3_masking), after DistilBERT's loss
