@@ -221,7 +221,7 @@ from kdcourse.recipes import lab4 as recipe  # noqa: E402
 def test_lab4_declares_its_exercises_in_notebook_order():
     from kdcourse import labgen
     names = [e.name for e in contract.exercises_for(4)]
-    assert names == ["mdd", "born_again", "born_again_tuned", "ensemble_logits", "deep_supervision_loss", "mutual_loss",
+    assert names == ["mdd", "born_again", "born_again_tuned", "paired_t", "ensemble_logits", "deep_supervision_loss", "mutual_loss",
                      "mutual_step_in_turn"]
     import os
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -609,3 +609,36 @@ def test_averaged_ensemble_as_a_model_and_a_teacher():
     assert isinstance(obj.teacher, sd.Averaged)
     with pytest.raises(ValueError, match="mode"):
         sd.Averaged(members, lab4_ensemble.reference_ensemble_logits, mode="median")
+
+
+def _paired_numpy(a, b):
+    import numpy as np
+    d = np.asarray(a) - np.asarray(b)
+    sd = d.std(ddof=1)
+    if sd == 0:
+        return np.sign(d.mean()) * np.inf if d.mean() else 0.0
+    return d.mean() / sd * np.sqrt(len(d))  # a NumPy number
+
+
+@pytest.mark.parametrize("fn", [_paired_numpy, lab4_ensemble.reference_paired_t])
+def test_paired_t_accepts_correct_ways(fn, capsys):
+    assert lab4.check_paired_t(fn)
+    assert "✓" in capsys.readouterr().out
+
+
+def test_paired_t_reference_against_an_oracle():
+    a, b = [0.70, 0.74, 0.71], [0.69, 0.72, 0.71]
+    d = [0.01, 0.02, 0.0]
+    mean = sum(d) / 3
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / 2)
+    assert lab4_ensemble.reference_paired_t(a, b) == pytest.approx(mean / (sd / math.sqrt(3)), rel=1e-9)
+    assert lab4_ensemble.reference_paired_t([0.5, 0.75], [0.25, 0.5]) == math.inf
+    assert lab4_ensemble.reference_paired_t([0.5, 0.75], [0.5, 0.75]) == 0.0
+
+
+@pytest.mark.parametrize("name", sorted(lab4_ensemble.PAIRED_VARIANTS))
+def test_paired_t_rejects_each_variant_with_its_hint(name):
+    fn, hint = lab4_ensemble.PAIRED_VARIANTS[name]
+    with pytest.raises(CheckFailed) as exc:
+        lab4.check_paired_t(fn)
+    assert hint in str(exc.value)

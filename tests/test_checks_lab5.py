@@ -403,8 +403,40 @@ def test_lab5_declares_its_exercises_in_notebook_order():
     import os
     from kdcourse import labgen
     names = [e.name for e in contract.exercises_for(5)]
-    assert names == ["float_layers", "latency_ms", "latency_summary", "qparams", "fake_quantize", "calibration_set",
+    assert names == ["float_layers", "state_dict_mb", "latency_ms", "latency_summary", "qparams", "fake_quantize", "calibration_set",
                      "observe_range", "quantize_student"]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cells = labgen.solution_functions(labgen.read(os.path.join(root, "solutions", "05_deployment.ipynb")))
     assert sorted(cells, key=cells.get) == names
+
+
+def _size_by_file(model):
+    import os
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "a-student-chose-this-rather-long-file-name.pth")
+        torch.save(model.state_dict(), path)
+        return os.path.getsize(path) / 1e6
+
+
+@pytest.mark.parametrize("fn", [_size_by_file, deploy.size_mb, lab5_stats.reference_state_dict_mb])
+def test_state_dict_mb_accepts_correct_ways(fn, capsys):
+    assert lab5.check_state_dict_mb(fn)
+    assert "✓" in capsys.readouterr().out
+
+
+def test_state_dict_mb_reference_counts_the_saved_bytes():
+    import io
+    m = nn.Linear(100, 100).double()
+    buf = io.BytesIO()
+    torch.save(m.state_dict(), buf)
+    assert lab5_stats.reference_state_dict_mb(m) == len(buf.getvalue()) / 1e6
+    assert lab5_stats.reference_state_dict_mb(m) > 10_100 * 8 / 1e6  # float64: at least 8 bytes a value
+
+
+@pytest.mark.parametrize("name", sorted(lab5_stats.SIZE_VARIANTS))
+def test_state_dict_mb_rejects_each_variant_with_its_hint(name):
+    fn, hint = lab5_stats.SIZE_VARIANTS[name]
+    with pytest.raises(CheckFailed) as exc:
+        lab5.check_state_dict_mb(fn)
+    assert hint in str(exc.value)

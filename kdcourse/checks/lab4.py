@@ -239,8 +239,8 @@ from ..recipes.lab4 import born_again as _born_again_reference  # noqa: E402  (t
 from .lab4_common import HIDDEN_SEEDS, INPLACE_HINT, _compare_faults, _decide  # noqa: E402,F401
 from .lab4_exits import (DS_LOSS_VARIANTS, TUNED_VARIANTS, _ds_case, check_born_again_tuned,  # noqa: E402,F401
                          check_deep_supervision_loss, probe_born_again_tuned, probe_deep_supervision_loss)
-from .lab4_ensemble import (ENSEMBLE_VARIANTS, MDD_VARIANTS, check_ensemble_logits, check_mdd,  # noqa: E402,F401
-                            probe_ensemble_logits, probe_mdd)
+from .lab4_ensemble import (ENSEMBLE_VARIANTS, MDD_VARIANTS, PAIRED_VARIANTS, check_ensemble_logits,  # noqa: E402,F401
+                            check_mdd, check_paired_t, probe_ensemble_logits, probe_mdd, probe_paired_t)
 from .lab4_ensemble import EXERCISES as _ENSEMBLE_EXERCISES  # noqa: E402
 from .lab4_mutual import (MUTUAL_GRAD_VARIANTS, MUTUAL_LOSS_VARIANTS, TURN_VARIANTS,  # noqa: E402,F401
                           check_mutual_loss, check_mutual_step_in_turn, probe_mutual_loss, probe_mutual_step_in_turn)
@@ -268,6 +268,6 @@ _NEW_EXERCISES = [
                       hidden_seeds=HIDDEN_SEEDS, compare=_compare_faults(("inputs_changed_in_place", "raised"))),
 ]
 
-_NOTEBOOK_ORDER = ("mdd", "born_again", "born_again_tuned", "ensemble_logits", "deep_supervision_loss", "mutual_loss",
+_NOTEBOOK_ORDER = ("mdd", "born_again", "born_again_tuned", "paired_t", "ensemble_logits", "deep_supervision_loss", "mutual_loss",
                    "mutual_step_in_turn")
 EXERCISES = sorted(EXERCISES + _NEW_EXERCISES + _ENSEMBLE_EXERCISES, key=lambda e: _NOTEBOOK_ORDER.index(e.name))  # noqa: F811

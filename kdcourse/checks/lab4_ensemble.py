@@ -1,6 +1,6 @@
 """Lab 4 checks on the exercise contract: the ensemble's average (of logits,
-or of probabilities at a temperature) and the minimal detectable difference
-of a comparison over seeds.
+or of probabilities at a temperature), and two statistics of a comparison
+over seeds — the minimal detectable difference and the paired t.
 
 * ``ensemble_logits(member_logits, mode, T)`` is compared through what it
   means: the probe takes ``softmax(out / T)`` of the student's logits (so a
@@ -11,6 +11,8 @@ of a comparison over seeds.
 * ``mdd(values, t)`` is compared on seeded per-seed accuracies (2 to 8
   seeds, several t), including the NumPy and ``statistics`` ways of taking a
   sample standard deviation.
+* ``paired_t(a, b)`` is compared on seeded paired per-seed values, equal
+  differences (a zero spread) included.
 """
 from __future__ import annotations
 
@@ -202,14 +204,92 @@ def check_mdd(fn: Callable) -> bool:
     return True
 
 
+# --------------------------------------------------------------------------
+# Exercise: the paired t over seeds
+# --------------------------------------------------------------------------
+
+def reference_paired_t(a, b):
+    """mean(d) / (sd(d) / sqrt(n)) of the per-seed differences d = a - b (sample sd);
+    ±inf when every difference is the same non-zero number, 0.0 when all are 0."""
+    d = torch.as_tensor([float(x) - float(y) for x, y in zip(a, b)], dtype=torch.float64)
+    mean, sd = float(d.mean()), float(d.std(correction=1))
+    if sd == 0:
+        return math.copysign(math.inf, mean) if mean else 0.0
+    return mean / (sd / math.sqrt(len(d)))
+
+
+def _paired_variant(kind: str):
+    def paired_t(a, b):
+        x = torch.as_tensor([float(v) for v in a], dtype=torch.float64)
+        y = torch.as_tensor([float(v) for v in b], dtype=torch.float64)
+        if kind == "welch":
+            return float((x.mean() - y.mean()) / (x.var() / len(x) + y.var() / len(y)).sqrt())
+        d = y - x if kind == "reversed" else x - y
+        sd = float(d.std(correction=0 if kind == "population" else 1))
+        if sd == 0:
+            return math.copysign(math.inf, float(d.mean())) if float(d.mean()) else 0.0
+        return float(d.mean()) / (sd if kind == "no_sqrt_n" else sd / math.sqrt(len(d)))
+    return paired_t
+
+
+PAIRED_VARIANTS = {
+    "welch": (_paired_variant("welch"),
+              "this is Welch's unpaired t: it ignores that seed k of both methods shares its initial weights and "
+              "batches. Pair them: t = mean(d) / (sd(d) / sqrt(n)) with d = a - b seed by seed."),
+    "reversed": (_paired_variant("reversed"), "the sign is reversed: d = a - b (a above b gives t > 0)."),
+    "population": (_paired_variant("population"),
+                   "the standard deviation of the differences divides by n: use the sample std (n - 1)."),
+    "no_sqrt_n": (_paired_variant("no_sqrt_n"),
+                  "mean(d) / sd(d) is missing the sqrt(n): the noise of a mean of n differences is sd(d) / sqrt(n)."),
+}
+
+
+def probe_paired_t(fn: Callable, seed: int = 0) -> dict:
+    """Five seeded pairs of per-seed accuracies (2 to 8 seeds; one pair with
+    equal differences, one with none): the number returned for each."""
+    g = contract.generator(seed)
+    out = []
+    for i in range(5):
+        n = 2 + int(torch.randint(0, 7, (1,), generator=g))
+        a = 0.7 + 0.03 * torch.randn(n, generator=g, dtype=torch.float64)
+        b = a - 0.01 * (1 + torch.randn(n, generator=g, dtype=torch.float64))
+        if i == 3:
+            b = a - [0.015625, -0.03125][seed % 2]  # the same difference on every seed (exact in binary)
+        if i == 4 and seed % 3 == 0:
+            b = a.clone()
+        got, fault = _attempt(fn, a.tolist(), b.tolist())
+        if fault:
+            return fault
+        if isinstance(got, torch.Tensor) and got.numel() == 1:
+            got = float(got)
+        if hasattr(got, "item") and type(got).__module__ == "numpy":
+            got = float(got.item())
+        if type(got) not in (float, int):
+            return {"raised": f"not a number: {type(got).__name__}"}
+        out.append(float(got))
+    return {"t": out}
+
+
+def check_paired_t(fn: Callable) -> bool:
+    """``fn(a, b)``: the paired t of two methods' per-seed values."""
+    _decide(contract.exercise(4, "paired_t"), fn, seeds=(0, 1, 2))
+    print("✓ paired_t: mean(d) / (sd(d) / sqrt(n)) of the seed-by-seed differences, a zero spread included, on 15 "
+          "seeded pairs of 2–8 seeds")
+    return True
+
+
 EXERCISES = [
     contract.Exercise(name="mdd", points=1.0, check=check_mdd, probe=probe_mdd, reference=reference_mdd,
                       variants=MDD_VARIANTS, hidden_seeds=(0, 1, 2, 3), rtol=1e-6, atol=1e-12,
                       compare=_compare_faults(("raised",))),
+    contract.Exercise(name="paired_t", points=1.0, check=check_paired_t, probe=probe_paired_t,
+                      reference=reference_paired_t, variants=PAIRED_VARIANTS, hidden_seeds=(0, 1, 2, 3), rtol=1e-9,
+                      atol=1e-12, compare=_compare_faults(("raised",))),
     contract.Exercise(name="ensemble_logits", points=1.0, check=check_ensemble_logits, probe=probe_ensemble_logits,
                       reference=reference_ensemble_logits, variants=ENSEMBLE_VARIANTS, hidden_seeds=tuple(range(6)),
                       compare=_compare_faults(("inputs_changed_in_place", "raised"))),
 ]
 
-__all__ = ["CheckFailed", "ENSEMBLE_VARIANTS", "EXERCISES", "MDD_VARIANTS", "check_ensemble_logits", "check_mdd",
-           "probe_ensemble_logits", "probe_mdd", "reference_ensemble_logits", "reference_mdd"]
+__all__ = ["CheckFailed", "ENSEMBLE_VARIANTS", "EXERCISES", "MDD_VARIANTS", "PAIRED_VARIANTS", "check_ensemble_logits",
+           "check_mdd", "check_paired_t", "probe_ensemble_logits", "probe_mdd", "probe_paired_t",
+           "reference_ensemble_logits", "reference_mdd", "reference_paired_t"]

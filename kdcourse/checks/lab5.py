@@ -350,11 +350,14 @@ EXERCISES[2:2] = [
                       rtol=1e-9, atol=1e-12),
 ]
 
-# The latency table's statistics and the calibration observer's range (kdcourse.checks.lab5_stats):
-# latency_summary right after latency_ms, observe_range right after calibration_set.
-from .lab5_stats import (RANGE_VARIANTS, SUMMARY_VARIANTS, check_latency_summary,  # noqa: E402,F401
-                         check_observe_range, probe_latency_summary, probe_observe_range)
+# A model's size on disk, the latency table's statistics and the calibration observer's range
+# (kdcourse.checks.lab5_stats): state_dict_mb after float_layers, latency_summary after latency_ms,
+# observe_range after calibration_set.
+from .lab5_stats import (RANGE_VARIANTS, SIZE_VARIANTS, SUMMARY_VARIANTS, check_latency_summary,  # noqa: E402,F401
+                         check_observe_range, check_state_dict_mb, probe_latency_summary, probe_observe_range,
+                         probe_state_dict_mb)
 from .lab5_stats import EXERCISES as _STATS  # noqa: E402
 
+EXERCISES.insert([e.name for e in EXERCISES].index("float_layers") + 1, _STATS["state_dict_mb"])
 EXERCISES.insert([e.name for e in EXERCISES].index("latency_ms") + 1, _STATS["latency_summary"])
 EXERCISES.insert([e.name for e in EXERCISES].index("calibration_set") + 1, _STATS["observe_range"])

@@ -1,6 +1,10 @@
-"""Lab 5 checks on the exercise contract: the statistics a latency table
-reports, and the range a calibration observer records.
+"""Lab 5 checks on the exercise contract: a model's size on disk, the
+statistics a latency table reports, and the range a calibration observer
+records.
 
+* ``state_dict_mb(model)``: the bytes ``torch.save`` writes for its
+  ``state_dict``, in MB (10^6 bytes) — buffers, float64 and int8 weights
+  included, which "parameters x 4 bytes" gets wrong.
 * ``latency_summary(times_ms, min_calls=1000)`` → ``{"p50", "tail", "tail_ms"}``:
   the median, and the 99th percentile only where there are at least
   ``min_calls`` calls — otherwise the slowest call, labelled ``"max of n"``
@@ -273,7 +277,95 @@ def check_observe_range(fn: Callable) -> bool:
     return True
 
 
+# --------------------------------------------------------------------------
+# Exercise: a model's size on disk
+# --------------------------------------------------------------------------
+
+def reference_state_dict_mb(model):
+    """MB (10^6 bytes) of ``model.state_dict()`` saved with ``torch.save``."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.getbuffer().nbytes / 1e6
+
+
+def _size_variant(kind: str):
+    def state_dict_mb(model):
+        if kind == "params_x4":
+            return sum(p.numel() for p in model.parameters()) * 4 / 1e6
+        if kind == "numel":
+            return sum(t.numel() for t in model.state_dict().values() if isinstance(t, torch.Tensor)) / 1e6
+        n = reference_state_dict_mb(model) * 1e6
+        return n / 2 ** 20 if kind == "mebibytes" else n / 1e3
+    return state_dict_mb
+
+
+SIZE_VARIANTS = {
+    "params_x4": (_size_variant("params_x4"),
+                  "parameters x 4 bytes is not the file: it misses the buffers (batch-norm statistics), float64 "
+                  "weights take 8 bytes, and a quantized Linear's int8 weights are not parameters at all. Save the "
+                  "state_dict (torch.save into an io.BytesIO, or a file) and count its bytes."),
+    "numel": (_size_variant("numel"), "this counts elements, not bytes: a float32 takes 4 bytes, an int8 one."),
+    "mebibytes": (_size_variant("mebibytes"), "MB here is 10^6 bytes (the course's tables and ONNX files); 2^20 bytes is a MiB."),
+    "kilobytes": (_size_variant("kilobytes"), "divide the bytes by 10^6 (MB), not 10^3 (kB)."),
+}
+
+
+def _size_models(seed: int):
+    import warnings
+
+    import torch.nn as nn
+
+    torch.manual_seed(seed)
+    w = 32 + 16 * (seed % 3)
+    conv = nn.Sequential(nn.Conv2d(3, w, 3), nn.BatchNorm2d(w), nn.ReLU(), nn.Flatten(), nn.Linear(w, 3000))
+    wide = nn.Linear(120 + 10 * (seed % 5), 400).double()
+    buffered = nn.Linear(50, 50)
+    buffered.register_buffer("table", torch.zeros(200_000 + 1000 * (seed % 5)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantized = torch.ao.quantization.quantize_dynamic(nn.Sequential(nn.Linear(512, 512), nn.ReLU(),
+                                                                         nn.Linear(512, 256)), {nn.Linear},
+                                                           dtype=torch.qint8)
+    return {"float32 conv + batch norm": conv, "float64 Linear": wide, "a registered buffer": buffered,
+            "dynamically quantized Linears": quantized}
+
+
+def probe_state_dict_mb(fn: Callable, seed: int = 0) -> dict:
+    """Four seeded models (float32 with batch norm, float64, a large buffer,
+    int8 dynamically quantized): the MB returned for each."""
+    out = {}
+    for name, model in _size_models(seed).items():
+        got, fault = _attempt(fn, model)
+        if fault:
+            return fault
+        if _number(got) is None:
+            return {"raised": f"not a number: {type(got).__name__}"}
+        out[name] = _number(got)
+    return out
+
+
+def _size_compare(student, other, seed=0):
+    """Within 1.5 % (the archive's file names change a saved file by a few hundred bytes, under 0.5 % of
+    these models)."""
+    if student.get("raised") or other.get("raised"):
+        return None if student.get("raised") == other.get("raised") else f"raised: {student.get('raised')!r}"
+    return contract.compare(student, other, rtol=0.015, atol=0.0)
+
+
+def check_state_dict_mb(fn: Callable) -> bool:
+    """``fn(model)``: MB of its state_dict saved with torch.save."""
+    _decide(contract.exercise(5, "state_dict_mb"), fn, seeds=(0, 1))
+    print("✓ state_dict_mb: the bytes torch.save writes for the state_dict, in MB (10^6), on float32, float64, "
+          "buffered and int8 models (within 1.5 %: a file's name changes its size by a few hundred bytes)")
+    return True
+
+
 EXERCISES = {
+    "state_dict_mb": contract.Exercise(
+        name="state_dict_mb", points=1.0, check=check_state_dict_mb, probe=probe_state_dict_mb,
+        reference=reference_state_dict_mb, variants=SIZE_VARIANTS, hidden_seeds=(0, 1, 2), compare=_size_compare),
     "latency_summary": contract.Exercise(
         name="latency_summary", points=1.0, check=check_latency_summary, probe=probe_latency_summary,
         reference=reference_latency_summary, variants=SUMMARY_VARIANTS, hidden_seeds=(0, 1, 2, 3),
@@ -284,6 +376,6 @@ EXERCISES = {
         compare=_faults_then(1e-5, 1e-6)),
 }
 
-__all__ = ["CheckFailed", "EXERCISES", "RANGE_VARIANTS", "SUMMARY_VARIANTS", "check_latency_summary",
-           "check_observe_range", "probe_latency_summary", "probe_observe_range", "reference_latency_summary",
+__all__ = ["CheckFailed", "EXERCISES", "RANGE_VARIANTS", "SIZE_VARIANTS", "SUMMARY_VARIANTS", "check_latency_summary",
+           "check_observe_range", "check_state_dict_mb", "probe_state_dict_mb", "reference_state_dict_mb", "probe_latency_summary", "probe_observe_range", "reference_latency_summary",
            "reference_observe_range"]
