@@ -375,7 +375,7 @@ def _kernel_pass(job, env, launch, options, pending, results, where, notes, stat
             for k, ex in enumerate(pending):
                 current = ex
                 res = results[ex.name]
-                data, hint, extra = {}, "", []
+                data, hint, extra, delegated = {}, "", [], ""
                 for seed in _seeds(ex, options):
                     timeout = min(ex.timeout, options.probe_timeout) if options.probe_timeout else ex.timeout
                     session.send({"probe": ex.name, "seed": seed, "id": rid, "timeout": timeout})
@@ -383,6 +383,7 @@ def _kernel_pass(job, env, launch, options, pending, results, where, notes, stat
                     rid += 1
                     if reply is None:
                         raise KernelGone(f"probing {ex.name}, the kernel stopped answering")
+                    delegated = delegated or str(reply.get("delegated") or "")
                     if reply.get("status") != "ok":
                         hint, extra = _reply_hint(ex, reply, seed, where, cell_errors, state["stopped"])
                         if (reply.get("status") == "missing" and where.get(ex.name)
@@ -398,6 +399,11 @@ def _kernel_pass(job, env, launch, options, pending, results, where, notes, stat
                         break
                 if not hint:
                     hint, extra = _decide(ex, data)
+                if delegated:  # a right answer through the checks' code earns nothing; a wrong one keeps its hint
+                    called = re.sub(r"[^\w.:<>/ ()-]", "", delegated)[:160]
+                    hint = hint or (f"{ex.name} calls code of the course's checks ({called}), which an exercise may "
+                                    f"not use while grading: the exercise must be your own code")
+                    extra = list(extra) + [f"{ex.name} delegates to kdcourse.checks ({called})"]
                 res.hint, res.notes = hint, extra
                 res.earned = 0.0 if hint else res.points
                 state.setdefault("decided", set()).add(ex.name)

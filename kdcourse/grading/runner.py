@@ -23,6 +23,8 @@ student's ``print``, ``input()`` and subprocesses never see the protocol.
    runner -> grader: ``{"event": "probe", "id": 0, "status": "ok", "data": ...}``
    or ``"status"`` one of ``"missing"`` (no such function defined),
    ``"not_implemented"``, ``"refused"`` (it called a reference answer),
+   and, whatever the status, ``"delegated": "<what>"`` when the student's
+   code called a helper of ``kdcourse.checks`` (:mod:`kdcourse.grading.guard`),
    ``"error"`` (with ``"type"`` and ``"message"``), ``"timeout"``.
    ``{"quit": true}`` ends the runner.
 
@@ -111,15 +113,27 @@ def _run_cell(shell, source: str, deadline: float) -> dict:
     return {"status": status, "ename": ename, "evalue": evalue, "seconds": round(time.monotonic() - t0, 3)}
 
 
-def answer_probe(exercise, fn, seed: int, timeout: float) -> dict:
-    """Run one probe on the student's function; the reply (without ``id``)."""
+def answer_probe(exercise, fn, seed: int, timeout: float, guard=None) -> dict:
+    """Run one probe on the student's function (under ``guard``, a
+    :class:`kdcourse.grading.guard.Guard`, when given); the reply (without
+    ``id``), with ``"delegated"`` when the student's code called a helper of
+    the course's checks."""
+    reply = _probe(exercise, fn, seed, timeout, guard)
+    if guard is not None and guard.violation:
+        reply["delegated"] = _short(guard.violation, 300)
+    return reply
+
+
+def _probe(exercise, fn, seed, timeout, guard) -> dict:
     from kdcourse.checks import contract
 
+    if guard is not None:
+        guard.violation = ""
     if not callable(fn):
         return {"status": "missing"}
     try:
         _set_alarm(timeout)
-        data = contract.run_probe(exercise, fn, seed)
+        data = guard.run(contract.run_probe, exercise, fn, seed) if guard else contract.run_probe(exercise, fn, seed)
         _set_alarm(None)
         return {"status": "ok", "data": data}
     except _Timeout:
@@ -158,6 +172,9 @@ def main() -> int:
     if not keep_stderr:
         sys.stderr = _Sink(2)
     shell = _shell()
+    from kdcourse.grading.guard import Guard
+
+    guard = Guard(shell.user_ns, exercises.values())  # notes the checks' code before any student code runs
 
     deadline = time.monotonic() + float(job.get("timeout", 300))
     after = job.get("preamble_after")
@@ -190,7 +207,7 @@ def main() -> int:
                   "message": f"lab {job['lab']} declares no exercise {name!r}"})
             continue
         fn = shell.user_ns.get(name)
-        reply = answer_probe(ex, fn, int(req.get("seed", 0)), float(req.get("timeout", ex.timeout)))
+        reply = answer_probe(ex, fn, int(req.get("seed", 0)), float(req.get("timeout", ex.timeout)), guard)
         send({"event": "probe", "id": rid, **reply})
     return 0
 
