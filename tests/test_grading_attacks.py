@@ -174,6 +174,9 @@ import glob
 _RAN = _run_notebook([{p['alice']}, '../submissions/alice.ipynb'] + glob.glob('/**/alice.ipynb', recursive=True))
 """),
         "import_reference": ("lab", "late", delegate),
+        # the checks' private copy of a right answer (a known-wrong variant's formula that happens to be right)
+        "delegates_to_checks": ("lab", "late", "from kdcourse.checks import lab1_training as _t\n\n\n"
+                                               "def kd_grad(s, t, T):\n    return _t._kd_formula(s, t, T)\n"),
         "captured_reference": ("lab", "early", capture),
         "reference_source": ("lab", "late", from_source),
         "writes_outside": ("good", "early", f"""
@@ -337,6 +340,12 @@ def test_delegating_to_the_reference_scores_zero_and_says_why(batch, attack):
     assert {"soft_targets", "kd_loss"} <= set(refusing)
     if attack != "reference_source":  # (from source: the copy's bodies are refusals too, or the file is hidden)
         assert all("reference answer" in row[f"{n} hint"] for n in refusing), row
+
+
+def test_delegating_to_the_checks_helpers_scores_zero_and_says_why(batch):
+    row = batch["rows"]["delegates_to_checks"]
+    assert row["total"] == "0" and row["kd_grad"] == "0", row
+    assert "course's checks" in row["kd_grad hint"] and "_kd_formula" in row["kd_grad hint"], row
 
 
 def test_a_symlink_or_fifo_named_ipynb_is_not_a_notebook_and_does_not_hang(batch):
