@@ -101,6 +101,8 @@ def lab1_batch(tmp_path_factory):
         "untouched": lab,
         "no_T2": reduced(student_copy(sol, {"kd_loss": kd_loss_without_T2})),
         # hostile code where the grader runs it: in a statement an exercise needs
+        "deleted": deleted,
+        "reordered": reordered,
         "raises": insert_needed(good, imports_cell(good) + 1, "raise RuntimeError('boom')"),
         "writes_files": insert_needed(good, imports_cell(good) + 1,
                                       "import os\nopen('answers.txt', 'w').write('42')\nos.makedirs('out', exist_ok=True)\n"
