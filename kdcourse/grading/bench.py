@@ -4,8 +4,9 @@
     python -m kdcourse bench grading            (the same, through the bench command)
 
 Parts
-    ``one``: median seconds to grade one Lab 1 submission (the solution's
-    answers, smoke profile) with the bubblewrap sandbox and with
+    ``one``: median seconds to grade one Lab 1 submission (a copy of the
+    whole solution notebook, smoke profile: the grader runs the exercises'
+    slice of it, :mod:`kdcourse.grading.slicing`) with the bubblewrap sandbox and with
     ``--no-sandbox``, alternating, ``repeats`` times each; prints both
     medians and the sandbox's overhead in percent (target: at most 30 %).
     The batch's one-off set-up (grading copy, digests) is not in these.
@@ -99,7 +100,8 @@ def main(profile: str = "smoke", repeats: int = 5, only=(), batch: int = 30, job
         r = time_one(repeats)
         over = 100.0 * (r["sandbox"] / r["no sandbox"] - 1.0)
         print(f"one Lab 1 submission, median of {repeats}: sandbox {r['sandbox']:.2f} s, "
-              f"no sandbox {r['no sandbox']:.2f} s -> the sandbox adds {over:+.0f} % (target <= 30 %)")
+              f"no sandbox {r['no sandbox']:.2f} s, ratio {r['sandbox'] / r['no sandbox']:.2f} -> the sandbox adds "
+              f"{over:+.0f} % (target <= 30 %)")
         print("  runs (s): " + "; ".join(f"{k}: " + ", ".join(f"{x:.2f}" for x in v) for k, v in r["runs"].items()))
     if "batch" in parts:
         s = time_batch(batch, jobs)
