@@ -6,6 +6,14 @@ cache), and sizes Labs 2-4 by their ``full`` settings. Here CIFAR-10 is a few
 images written in CIFAR's own on-disk format, and sizes and epochs are
 overridden to tiny, so the code a GPU run would execute is executed in CI.
 
+Every size a lab reads from its ``full`` settings is overridden through the
+profile (``extra["lab2"]``, ``["lab3"]``, ``["lab6"]``, ``["synthesis"]``;
+Labs 1, 4 and 5 size themselves from the profile's own fields): one that the
+overrides miss runs at GPU size on the CPU (Lab 6's full synthesis alone is
+5,000 images x 1,000 steps), so the child reports each test's duration and
+pytest's faulthandler dumps the stack of any test still running after
+``STUCK_S`` seconds.
+
 The lab tests run in a process of their own (``test_dry_run_in_its_own_process``
 starts pytest on this file with ``KDCOURSE_DRY_RUN_CHILD=1``): in the whole
 suite's process, after the deployment tests have compiled models with
@@ -25,25 +33,30 @@ import numpy as np
 import pytest
 import torch
 
-from kdcourse import data, deploy, profiles, runs, zoo
+from kdcourse import data, datafree, deploy, profiles, runs, zoo
 from kdcourse.distill import Distill
-from kdcourse.recipes import lab2, lab3, lab4
+from kdcourse.recipes import lab2, lab3, lab4, lab6
 
 CHILD = os.environ.get("KDCOURSE_DRY_RUN_CHILD") == "1"
 child_only = pytest.mark.skipif(not CHILD, reason="runs in its own process: see test_dry_run_in_its_own_process")
-LAB_TESTS = 5
+LAB_TESTS = 6
+STUCK_S = 120  # no lab test here needs more than seconds; one still running after this has met a full-size setting
+LIMIT_S = 600  # the whole child process (about 20 s on two idle cores)
 
 
 @pytest.mark.skipif(CHILD, reason="the child process runs the lab tests themselves")
-@pytest.mark.skipif(os.environ.get("KDCOURSE_FULL_DRY_RUN") != "1",
-                    reason="opt-in (KDCOURSE_FULL_DRY_RUN=1) until it is fixed: in its own process it ran over "
-                           "10 minutes on 2 cores instead of about one, and inside the whole suite it crashed")
 def test_dry_run_in_its_own_process(tmp_path):
     env = dict(os.environ, KDCOURSE_DRY_RUN_CHILD="1", KDCOURSE_CACHE=str(tmp_path / "cache"))
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__))],
-                          cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
-                          timeout=1800)
-    tail = (proc.stdout + proc.stderr)[-4000:]
+    cmd = [sys.executable, "-X", "faulthandler", "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=0",
+           "-o", f"faulthandler_timeout={STUCK_S}", str(Path(__file__))]
+    try:
+        proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+                              timeout=LIMIT_S)
+    except subprocess.TimeoutExpired as exc:
+        out = "".join(x.decode(errors="replace") if isinstance(x, bytes) else (x or "") for x in (exc.stdout, exc.stderr))
+        pytest.fail(f"the full-profile dry run took over {LIMIT_S} s (a lab setting the tiny overrides miss?):\n"
+                    f"{out[-6000:]}", pytrace=False)
+    tail = (proc.stdout + proc.stderr)[-6000:]
     assert proc.returncode == 0, tail
     assert f"{LAB_TESTS} passed" in proc.stdout, tail
 
@@ -77,7 +90,10 @@ def full(tmp_path, monkeypatch):
                      teacher_epochs=1, student_epochs=1, general_epochs=1, progressive_epochs=1, batch_size=16,
                      teacher_batch_size=16)
     lab2_tiny = dict(epochs=1, batch_size=16, crd_k=8, det_train=16, det_test=8, det_epochs=1, det_teacher_epochs=1)
-    prof = profiles.get_profile("full", **TINY_IMAGE, extra={"lab3": lab3_tiny, "lab2": lab2_tiny})
+    lab6_tiny = dict(n_transfer=8, epochs=1, patience=2)
+    synthesis_tiny = dict(n_images=10, batch_size=10, steps=2)
+    prof = profiles.get_profile("full", **TINY_IMAGE, extra={"lab3": lab3_tiny, "lab2": lab2_tiny, "lab6": lab6_tiny,
+                                                            "synthesis": synthesis_tiny})
     assert prof.name == "full" and prof.dataset == "cifar10" and prof.augment_student
     return prof
 
@@ -146,3 +162,23 @@ def test_lab5_full_path_measures_a_cifar_student(full):
     assert lat.p50_ms > 0 and lat.batch_size == 4
     assert deploy.count_macs(student, example) > 0 and deploy.size_mb(student) > 0
     assert deploy.agreement(deploy.predict(student, ds.test), deploy.predict(student, ds.test)) == 1.0
+
+
+@child_only
+def test_lab6_full_path_synthesis_transfer_sets_and_patience(full):
+    lab, synth_cfg = lab6.settings_for(full), datafree.settings_for(full)
+    assert (lab.n_transfer, synth_cfg.steps) == (8, 2)  # the overrides reach both; the rest is the full settings
+    assert synth_cfg.lr == datafree.settings_for(profiles.get_profile("full")).lr
+    ds = data.load(full)
+    teacher, _ = zoo.teacher(full, ds, progress=False)
+    synth, info = datafree.synthesized_set(teacher, ds, synth_cfg)
+    assert len(synth) == 10 and not info["from_cache"] and datafree.synthesized_set(teacher, ds, synth_cfg)[1]["from_cache"]
+    assert synth.images.shape[1:] == ds.train.images.shape[1:]
+    sets = lab6.transfer_sets(ds, teacher, lab.n_transfer, synthesized=synth, alpha=lab.alpha)
+    results = lab6.compare_transfer_sets(teacher, ds, sets, build=full.student, seeds=full.seeds, epochs=lab.epochs,
+                                         lr=full.lr, T=lab.T, batch_size=full.batch_size, progress=False)
+    assert set(results) == set(sets) and all(0 <= r[0].test_acc <= 1 for r in results.values())
+    pc = lab6.patient_and_consistent(teacher, ds, sets[lab6.REAL].split, build=full.student, epochs=lab.epochs,
+                                     patience=lab.patience, lr=full.lr, T=lab.T, alpha=lab.alpha,
+                                     batch_size=full.batch_size, progress=False)
+    assert pc["epochs"]["patient"] == 2 and all(0 <= r.test_acc <= 1 for r in pc["runs"].values())
