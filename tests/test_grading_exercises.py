@@ -170,7 +170,8 @@ def test_untouched_lab_scores_zero(graded, stem):
     assert r.total == 0
     for e in r.exercises:
         assert e.hint, e.name
-    assert any("NotImplementedError" in n for n in r.notes), r.notes
+    # the kernel runs only the exercises' slice (no experiment calls them), so the stubs speak in the hints
+    assert any("NotImplementedError" in e.hint for e in r.exercises), [e.hint for e in r.exercises]
 
 
 @pytest.mark.parametrize("stem,name", EXERCISES)
