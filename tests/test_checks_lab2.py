@@ -598,3 +598,16 @@ def test_pkt_method_trains_the_given_loss_on_the_pooled_embeddings():
     assert [(t.student, t.teacher, t.weight, t.loss) for t in obj.terms] == [("fc:input", "fc:input", 7.0, mine)]
     assert recipe.lab2_objective("PKT", teacher, {})().terms[0].weight == recipe.PKT_WEIGHT  # the published default
     assert recipe.scale_weights(recipe.REPDISTILLER_WEIGHTS, "PKT", 0.1)["pkt"] == pytest.approx(0.1 * recipe.PKT_WEIGHT)
+
+
+def test_summary_rows_give_a_welch_t_only_with_a_spread_on_both_sides():
+    from kdcourse import runs
+    from kdcourse.recipes import lab2 as recipe
+
+    ex = recipe.Experiments(lambda m, w: None, (0, 1), {})
+    run = lambda name, seed, acc: runs.Run(name, seed, acc, acc, 0, 0.0, history=None)  # noqa: E731
+    ex.results = {"scratch": [run("scratch", 0, 0.5), run("scratch", 1, 0.6)], "PKT": [run("PKT", 0, 0.7)],
+                  "SP": [run("SP", 0, 0.6), run("SP", 1, 0.8)]}
+    rows = {r["student"]: r for r in ex.summary_rows(["scratch", "PKT", "SP"])}
+    assert rows["PKT"]["vs scratch (points)"] == "+15.00 (one seed: see the reading)"
+    assert rows["SP"]["vs scratch (points)"].startswith("+15.00 (Welch t ")
