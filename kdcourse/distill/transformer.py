@@ -8,7 +8,8 @@
   arXiv:1910.01108): soft CE over masked-LM distributions, masked LM, cosine.
 * :class:`TeacherObjective` — how the BERT teacher itself is trained
   (cross-entropy plus a detached masked-LM head).
-* :class:`TeacherTargets` — the teacher's outputs on a split, computed once.
+* :class:`TeacherTargets` — the teacher's outputs on a split, computed once
+  (stored in the shared teacher-output memo, :mod:`kdcourse.teacher_cache`).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import teacher_cache
 from ..data.reviews import mask_tokens
 from ..losses import transformer as tl
 from ..losses.response import kd_loss
@@ -88,7 +90,10 @@ class TeacherTargets:
     def compute(cls, teacher: TextTransformer, split, hidden_layers: Sequence[int] = (),
                 attention_layers: Sequence[int] = (), batch_size: int = 256,
                 dtype: torch.dtype = torch.float16) -> "TeacherTargets":
-        """Run ``teacher`` over ``split`` once (eval mode)."""
+        """Run ``teacher`` over ``split`` once (eval mode). The tensors live in
+        the teacher-output memo (:mod:`kdcourse.teacher_cache`, one keying
+        rule for every objective): a second call with the same teacher
+        weights and split reuses them, and computes only the layers missing."""
         n_t = teacher.num_layers
         for k in hidden_layers:
             if not 0 <= k <= n_t:
@@ -96,22 +101,36 @@ class TeacherTargets:
         for k in attention_layers:
             if not 1 <= k <= n_t:
                 raise ValueError(f"attention_layers must be layer numbers 1..{n_t}, got {k}")
-        was = teacher.training
-        teacher.eval()
-        dev = next(teacher.parameters()).device
-        logits, hid, att = [], {k: [] for k in hidden_layers}, {k: [] for k in attention_layers}
-        full = split.input_ids.shape[1]
-        for b in split.batches(batch_size, device=dev):
-            out = teacher.forward_all(b.x, hidden_states=bool(hidden_layers), attentions=bool(attention_layers))
-            pad = full - b.x.shape[1]  # batches are cut to their longest review: pad back to the split's width
-            logits.append(out.logits.float().cpu())
-            for k in hid:
-                hid[k].append(F.pad(out.hidden_states[k], (0, 0, 0, pad)).to(dtype).cpu())
-            for k in att:
-                att[k].append(F.pad(out.attentions[k - 1], (0, pad, 0, pad)).to(dtype).cpu())
-        teacher.train(was)
-        cat = lambda d: {k: torch.cat(v) for k, v in d.items()}  # noqa: E731
-        return cls(torch.cat(logits), cat(hid), cat(att), n_t)
+        hidden_layers, attention_layers = list(dict.fromkeys(hidden_layers)), list(dict.fromkeys(attention_layers))
+        logits_item = ("logits", batch_size)
+        items = ([logits_item] + [("hidden", k, dtype, batch_size) for k in hidden_layers]
+                 + [("attention", k, dtype, batch_size) for k in attention_layers])
+
+        def compute(missing):  # one pass for every output not in the teacher-output memo yet
+            hid = [it[1] for it in missing if it[0] == "hidden"]
+            att = [it[1] for it in missing if it[0] == "attention"]
+            acc = {it: [] for it in missing}
+            full = split.input_ids.shape[1]
+            was = teacher.training
+            teacher.eval()
+            try:
+                for b in split.batches(batch_size, device=next(teacher.parameters()).device):
+                    out = teacher.forward_all(b.x, hidden_states=bool(hid), attentions=bool(att))
+                    pad = full - b.x.shape[1]  # batches are cut to their longest review: pad back to the split's width
+                    for it in missing:
+                        if it[0] == "logits":
+                            acc[it].append(out.logits.float().cpu())
+                        elif it[0] == "hidden":
+                            acc[it].append(F.pad(out.hidden_states[it[1]], (0, 0, 0, pad)).to(dtype).cpu())
+                        else:
+                            acc[it].append(F.pad(out.attentions[it[1] - 1], (0, pad, 0, pad)).to(dtype).cpu())
+            finally:
+                teacher.train(was)
+            return {it: torch.cat(chunks) for it, chunks in acc.items()}
+
+        got = teacher_cache.cached(teacher, split, items, compute)
+        return cls(got[logits_item], {k: got[("hidden", k, dtype, batch_size)] for k in hidden_layers},
+                   {k: got[("attention", k, dtype, batch_size)] for k in attention_layers}, n_t)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in [self.logits, *self.hidden.values(), *self.attentions.values()])
