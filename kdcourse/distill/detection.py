@@ -28,6 +28,10 @@ class DetectionObjective(Objective):
                + w_feat * multiscale_feature_loss(levels, adapters)      1x1 adapters where channels differ
 
     Targets are looked up by ``batch.index`` in ``data`` (a :class:`ToyDetection`).
+
+    Source: after Chen, Choi, Yu, Han & Chandraker, "Learning Efficient Object Detection Models with Knowledge
+        Distillation", NeurIPS 2017.; feature imitation after Wang, Yuan, Zhang & Feng, "Distilling Object
+        Detectors with Fine-grained Feature Imitation", CVPR 2019.
     """
 
     def __init__(self, data: ToyDetection, teacher: nn.Module | None = None, T: float = 2.0, w_cls: float = 1.0,

@@ -164,6 +164,11 @@ class FeatureDistill(_TeacherTaps):
 
     Attributes after ``setup``: ``regressors`` (``nn.ModuleDict`` "0", "1", ...
     for terms that take one).
+
+    Source: feature hints: Romero, Ballas, Kahou, Chassang, Gatta & Bengio, "FitNets: Hints for Thin Deep Nets",
+        ICLR 2015 (arXiv:1412.6550).; the KD term: Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural
+        Network", NIPS 2014 Deep Learning Workshop (arXiv:1503.02531, 2015).; each loss names its own paper
+        (attention transfer, RKD, SP, ...).
     """
 
     # fit may train in channels-last layout when the teacher is cached: the losses get contiguous tensors
@@ -226,6 +231,10 @@ class CRDDistill(_TeacherTaps):
 
     In ``setup`` the banks are sized to the training split and, when teacher
     outputs are cached, the teacher bank starts from real teacher embeddings.
+
+    Source: Tian, Krishnan & Isola, "Contrastive Representation Distillation", ICLR 2020 (arXiv:1910.10699).;
+        the KD term: Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network", NIPS 2014 Deep
+        Learning Workshop (arXiv:1503.02531, 2015).
     """
 
     # fit may train in channels-last layout when the teacher is cached: the losses get contiguous tensors

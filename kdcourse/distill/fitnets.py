@@ -68,6 +68,9 @@ class FitNets(Objective):
     ``setup(model, train)`` builds ``self.regressors[regressor_key(name)] =
     nn.Conv2d(C_s, C_t, 1)``; ``forward(model, batch, state)`` returns
     ``StepOutput(loss (scalar), logits (B, classes), {"ce": ..., "hint <name>": ...})``.
+
+    Source: Romero, Ballas, Kahou, Chassang, Gatta & Bengio, "FitNets: Hints for Thin Deep Nets", ICLR 2015
+        (arXiv:1412.6550).
     """
 
     def __init__(self, teacher: nn.Module, hints: Mapping[str, float], hint_loss: Callable = _hint_loss):

@@ -44,6 +44,9 @@ class Distill(Objective):
             with the student's whenever the loss lets gradients reach
             ``teacher_logits`` (the reference ``kd_loss`` detaches them; a
             typical hand-written loss does not).
+
+    Source: Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network", NIPS 2014 Deep Learning
+        Workshop (arXiv:1503.02531, 2015).
     """
 
     # fit may train in channels-last layout when the teacher's logits are cached (only the model sees activations)

@@ -35,6 +35,9 @@ class ExitDistillation(Objective):
     KL trains the shallow heads and the layers below them, never the final
     head. ``alpha = 0`` is plain deep supervision (labels at every exit).
     Evaluation uses the backbone's own output (``model(x)``).
+
+    Source: Zhang, Song, Gao, Chen, Bao & Ma, "Be Your Own Teacher: Improve the Performance of Convolutional
+        Neural Networks via Self Distillation", ICCV 2019 (arXiv:1905.08094).
     """
 
     def __init__(self, T=3.0, alpha=0.5, loss: Callable | None = None):
@@ -75,6 +78,8 @@ class MutualLearning(Objective):
         loss: your own ``loss(list of (N, C) logits, labels, T=, alpha=)``.
         eval_peer: which peer :meth:`predict` uses (an index), or
             ``"ensemble"`` for the mean of the peers' logits.
+
+    Source: Zhang, Xiang, Hospedales & Lu, "Deep Mutual Learning", CVPR 2018 (arXiv:1706.00384).
     """
 
     channels_last_ok = True  # the peers' logits are all it reads

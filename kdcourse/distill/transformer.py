@@ -37,6 +37,9 @@ class TeacherObjective(Objective):
     down badly on this task). The head must not share weights with the body
     (build the model with ``tie_mlm=False``). It gives the teacher the
     language-model distributions DistilBERT's loss distils.
+
+    Source: this course's teacher recipe; the masked-LM objective is Devlin, Chang, Lee & Toutanova, "BERT: Pre-
+        training of Deep Bidirectional Transformers for Language Understanding", NAACL 2019 (arXiv:1810.04805).
     """
 
     def __init__(self, mlm_weight: float = 1.0, mask_prob: float = 0.15, mlm_fraction: float = 0.5, seed: int = 0):
@@ -152,7 +155,11 @@ class TeacherTargets:
 class Projections(nn.Module):
     """TinyBERT's learned maps from the student's width to the teacher's:
     ``embedding`` (W_e) and ``hidden`` (W_h, shared by all layers).
-    Identities when the widths are equal."""
+    Identities when the widths are equal.
+
+    Source: Jiao, Yin, Shang, Jiang, Chen, Li, Wang & Liu, "TinyBERT: Distilling BERT for Natural Language
+        Understanding", Findings of EMNLP 2020 (arXiv:1909.10351).
+    """
 
     def __init__(self, d_student: int, d_teacher: int):
         super().__init__()
@@ -182,6 +189,13 @@ class LayerDistill(Objective):
             (default: computed in ``setup`` for the layers needed).
         projections: a :class:`Projections` to reuse (two-stage training keeps
             the same one); default a fresh one, trained with the student.
+
+    Source: Jiao, Yin, Shang, Jiang, Chen, Li, Wang & Liu, "TinyBERT: Distilling BERT for Natural Language
+        Understanding", Findings of EMNLP 2020 (arXiv:1909.10351).; attention term (KL on probabilities): Wang,
+        Wei, Dong, Bao, Yang & Zhou, "MiniLM: Deep Self-Attention Distillation for Task-Agnostic Compression of
+        Pre-Trained Transformers", NeurIPS 2020 (arXiv:2002.10957).; prediction KD: Hinton, Vinyals & Dean,
+        "Distilling the Knowledge in a Neural Network", NIPS 2014 Deep Learning Workshop (arXiv:1503.02531,
+        2015).
     """
 
     def __init__(self, teacher: TextTransformer, student: TextTransformer, *, layer_map=None,
@@ -272,7 +286,11 @@ class DistilBertObjective(Objective):
     loss between last hidden states over real tokens. Teacher and student
     need masked-LM heads (``mlm_head=True``). When the widths differ the
     student's hidden states go through a learned projection (DistilBERT keeps
-    the teacher's width and needs none). Labels are not used."""
+    the teacher's width and needs none). Labels are not used.
+
+    Source: Sanh, Debut, Chaumond & Wolf, "DistilBERT, a distilled version of BERT: smaller, faster, cheaper and
+        lighter", NeurIPS 2019 EMC^2 Workshop (arXiv:1910.01108).
+    """
 
     def __init__(self, teacher: TextTransformer, student: TextTransformer, T: float = 2.0, alpha_ce: float = 5.0,
                  alpha_mlm: float = 2.0, alpha_cos: float = 1.0, mask_prob: float = 0.15, seed: int = 0):

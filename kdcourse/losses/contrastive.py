@@ -55,6 +55,9 @@ def info_nce(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 
         temperature: tau > 0.
     Returns:
         scalar tensor; log(B) for uninformative embeddings, 0 at best.
+
+    Source: van den Oord, Li & Vinyals, "Representation Learning with Contrastive Predictive Coding",
+        arXiv:1807.03748, 2018.
     """
     _check_emb("student", student)
     _check_emb("teacher", teacher)
@@ -113,6 +116,8 @@ class CRDInfoNCE(nn.Module):
     at ``index``. Call :meth:`fill` first to start the teacher bank from real
     teacher embeddings (otherwise both banks start as random unit vectors,
     and each entry becomes meaningful once its sample has been seen).
+
+    Source: Tian, Krishnan & Isola, "Contrastive Representation Distillation", ICLR 2020 (arXiv:1910.10699).
     """
 
     def __init__(self, student_dim: int, teacher_dim: int, n_data: int, dim: int = 128, k: int = 4096,

@@ -74,6 +74,9 @@ def bn_statistics_loss(teacher: nn.Module, images: torch.Tensor, require_eval: b
     flow to ``images``; the hooks are removed before returning, also on error.
     A teacher in train mode is refused (``require_eval=False`` computes the
     loss anyway: the checks use it to show what train mode does).
+
+    Source: Yin, Molchanov, Li, Alvarez, Mallya, Hoiem, Jha & Kautz, "Dreaming to Distill: Data-free Knowledge
+        Transfer via DeepInversion", CVPR 2020 (arXiv:1912.08795).
     """
     _check_images("images", images)
     if require_eval and teacher.training:
@@ -100,7 +103,11 @@ def bn_statistics_loss(teacher: nn.Module, images: torch.Tensor, require_eval: b
 
 def total_variation(images: torch.Tensor) -> torch.Tensor:
     """Mean squared difference between horizontal neighbours plus the mean
-    squared difference between vertical neighbours. ``images``: (B, C, H, W)."""
+    squared difference between vertical neighbours. ``images``: (B, C, H, W).
+
+    Source: the image prior of Yin, Molchanov, Li, Alvarez, Mallya, Hoiem, Jha & Kautz, "Dreaming to Distill:
+        Data-free Knowledge Transfer via DeepInversion", CVPR 2020 (arXiv:1912.08795).
+    """
     _check_images("images", images)
     dx = images[..., :, 1:] - images[..., :, :-1]
     dy = images[..., 1:, :] - images[..., :-1, :]
@@ -108,7 +115,11 @@ def total_variation(images: torch.Tensor) -> torch.Tensor:
 
 
 def image_prior(images: torch.Tensor, tv_weight: float, l2_weight: float) -> torch.Tensor:
-    """``tv_weight * total_variation(images) + l2_weight * mean(images ** 2)``."""
+    """``tv_weight * total_variation(images) + l2_weight * mean(images ** 2)``.
+
+    Source: Yin, Molchanov, Li, Alvarez, Mallya, Hoiem, Jha & Kautz, "Dreaming to Distill: Data-free Knowledge
+        Transfer via DeepInversion", CVPR 2020 (arXiv:1912.08795).
+    """
     _check_images("images", images)
     for name, w in (("tv_weight", tv_weight), ("l2_weight", l2_weight)):
         if not isinstance(w, (int, float)) or w < 0:
@@ -119,7 +130,11 @@ def image_prior(images: torch.Tensor, tv_weight: float, l2_weight: float) -> tor
 def synthesis_loss(teacher: nn.Module, images: torch.Tensor, targets: torch.Tensor, *, bn_weight: float,
                    tv_weight: float, l2_weight: float) -> torch.Tensor:
     """The whole DeepInversion objective for one batch:
-    ``CE(teacher(images), targets) + bn_weight * R_feature + R_prior``."""
+    ``CE(teacher(images), targets) + bn_weight * R_feature + R_prior``.
+
+    Source: Yin, Molchanov, Li, Alvarez, Mallya, Hoiem, Jha & Kautz, "Dreaming to Distill: Data-free Knowledge
+        Transfer via DeepInversion", CVPR 2020 (arXiv:1912.08795).
+    """
     bn, logits = bn_statistics_loss(teacher, images)
     if targets.shape != logits.shape[:1]:
         raise ValueError(f"targets must have shape ({logits.shape[0]},) (one class per image), got {tuple(targets.shape)}")

@@ -81,6 +81,9 @@ def classification_kd(student_cls: torch.Tensor, teacher_cls: torch.Tensor, T: f
             is masked (weights summing to less than 1 are not renormalised).
     Returns:
         scalar tensor.
+
+    Source: after Chen, Choi, Yu, Han & Chandraker, "Learning Efficient Object Detection Models with Knowledge
+        Distillation", NeurIPS 2017.
     """
     _check("student_cls", student_cls, 3)
     _check("teacher_cls", teacher_cls, 3)
@@ -115,6 +118,9 @@ def masked_box_regression(student_box: torch.Tensor, teacher_box: torch.Tensor, 
         beta: the smooth-L1 transition point (PyTorch's ``beta``).
     Returns:
         scalar tensor (0, with a gradient path, when the mask is empty).
+
+    Source: after Chen, Choi, Yu, Han & Chandraker, "Learning Efficient Object Detection Models with Knowledge
+        Distillation", NeurIPS 2017.
     """
     _check("student_box", student_box, 3, 4)
     _check("teacher_box", teacher_box, 3, 4)
@@ -131,6 +137,9 @@ class FeatureAdapters(nn.ModuleDict):
 
     Args:
         student_channels, teacher_channels: dicts level -> channels.
+
+    Source: the adaptation layer of Chen, Choi, Yu, Han & Chandraker, "Learning Efficient Object Detection
+        Models with Knowledge Distillation", NeurIPS 2017.
     """
 
     def __init__(self, student_channels: Mapping[str, int], teacher_channels: Mapping[str, int]):
@@ -166,6 +175,10 @@ def multiscale_feature_loss(student: Mapping[str, torch.Tensor], teacher: Mappin
             for every level whose channels differ — train it with the student.
     Returns:
         scalar tensor.
+
+    Source: after Chen, Choi, Yu, Han & Chandraker, "Learning Efficient Object Detection Models with Knowledge
+        Distillation", NeurIPS 2017. and the FPN imitation line of work, e.g. Wang, Yuan, Zhang & Feng,
+        "Distilling Object Detectors with Fine-grained Feature Imitation", CVPR 2019.
     """
     if not isinstance(student, Mapping) or not isinstance(teacher, Mapping) or not student:
         raise ValueError("student and teacher must be non-empty dicts level -> (B, C, H, W) tensor")

@@ -27,6 +27,9 @@ def token_soft_ce(student_logits: torch.Tensor, teacher_logits: torch.Tensor, to
         student_logits, teacher_logits: (B, S, V) masked-LM logits.
         token_mask: (B, S) 1 where the token takes part.
         T: temperature > 0 (DistilBERT: 2).
+
+    Source: Sanh, Debut, Chaumond & Wolf, "DistilBERT, a distilled version of BERT: smaller, faster, cheaper and
+        lighter", NeurIPS 2019 EMC^2 Workshop (arXiv:1910.01108).
     """
     _tensor("student_logits", student_logits, 3, "(B, S, V)")
     _tensor("teacher_logits", teacher_logits, 3, "(B, S, V)")
@@ -55,6 +58,9 @@ def masked_lm_loss(mlm_logits: torch.Tensor, mlm_labels: torch.Tensor) -> torch.
             ``-100`` elsewhere (padding included).
     Returns:
         mean over the masked tokens (0 when none is masked).
+
+    Source: Devlin, Chang, Lee & Toutanova, "BERT: Pre-training of Deep Bidirectional Transformers for Language
+        Understanding", NAACL 2019 (arXiv:1810.04805).
     """
     _tensor("mlm_logits", mlm_logits, 3, "(B, S, V)")
     if not isinstance(mlm_labels, torch.Tensor) or mlm_labels.shape != mlm_logits.shape[:2]:
@@ -74,6 +80,9 @@ def hidden_cosine_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tenso
         student_hidden, teacher_hidden: (B, S, D) last hidden states (student
             projected to the teacher's width when they differ).
         attention_mask: (B, S); padded tokens are left out.
+
+    Source: Sanh, Debut, Chaumond & Wolf, "DistilBERT, a distilled version of BERT: smaller, faster, cheaper and
+        lighter", NeurIPS 2019 EMC^2 Workshop (arXiv:1910.01108).
     """
     _tensor("student_hidden", student_hidden, 3, "(B, S, D)")
     _tensor("teacher_hidden", teacher_hidden, 3, "(B, S, D)")
@@ -110,6 +119,9 @@ def distilbert_loss(
 
     Returns:
         scalar tensor, or ``(loss, {"ce": .., "mlm": .., "cos": ..})`` with ``return_parts``.
+
+    Source: Sanh, Debut, Chaumond & Wolf, "DistilBERT, a distilled version of BERT: smaller, faster, cheaper and
+        lighter", NeurIPS 2019 EMC^2 Workshop (arXiv:1910.01108).
     """
     token_mask = mlm_labels != -100
     ce = token_soft_ce(student_mlm_logits, teacher_mlm_logits, token_mask, T)

@@ -91,6 +91,9 @@ class HintRegressor(nn.Module):
             pooling); ``"linear"`` — for (B, D) vectors.
 
     ``forward(s)`` returns (B, C_t, H_s, W_s) or (B, D_t).
+
+    Source: Romero, Ballas, Kahou, Chassang, Gatta & Bengio, "FitNets: Hints for Thin Deep Nets", ICLR 2015
+        (arXiv:1412.6550).
     """
 
     def __init__(self, student_channels: int, teacher_channels: int, kind: str = "conv"):
@@ -148,6 +151,9 @@ def hint_loss(student: torch.Tensor, teacher: torch.Tensor, regressor: nn.Module
     Returns:
         scalar tensor.
     Reference: Romero et al., "FitNets: Hints for Thin Deep Nets", ICLR 2015.
+
+    Source: Romero, Ballas, Kahou, Chassang, Gatta & Bengio, "FitNets: Hints for Thin Deep Nets", ICLR 2015
+        (arXiv:1412.6550).
     """
     _check_feature("student", student)
     _check_feature("teacher", teacher)
@@ -175,6 +181,8 @@ def feature_stats_loss(student: torch.Tensor, teacher: torch.Tensor, regressor: 
             differ (128 vs 512 at layer2): that cannot run without one.
     Returns:
         scalar tensor.
+
+    Source: this course's lab handout (no paper).
     """
     _check_feature("student", student, (4,))
     _check_feature("teacher", teacher, (4,))
@@ -199,6 +207,9 @@ def attention_map(feature: torch.Tensor, p: float = 2.0, eps: float = 1e-12) -> 
         (B, H*W) maps, each of unit L2 norm. Mean and sum over channels give
         the same normalised map; the *square root* of the sum of squares (an
         L2 norm over channels) does not.
+
+    Source: Zagoruyko & Komodakis, "Paying More Attention to Attention: Improving the Performance of
+        Convolutional Neural Networks via Attention Transfer", ICLR 2017 (arXiv:1612.03928).
     """
     _check_feature("feature", feature, (4,))
     if not isinstance(p, (int, float)) or isinstance(p, bool) or p <= 0:
@@ -224,6 +235,9 @@ def attention_transfer_loss(student: torch.Tensor, teacher: torch.Tensor, p: flo
         objective.
     Reference: Zagoruyko & Komodakis, "Paying More Attention to Attention",
     ICLR 2017, eq. (2) and their code.
+
+    Source: Zagoruyko & Komodakis, "Paying More Attention to Attention: Improving the Performance of
+        Convolutional Neural Networks via Attention Transfer", ICLR 2017 (arXiv:1612.03928).
     """
     _check_feature("student", student, (4,))
     _check_feature("teacher", teacher, (4,))

@@ -88,6 +88,8 @@ def peer_kl(logits: torch.Tensor, peer_logits: torch.Tensor, T: float = 1.0) -> 
         T: temperature > 0 on both sides.
     Returns:
         scalar tensor (>= 0).
+
+    Source: Zhang, Xiang, Hospedales & Lu, "Deep Mutual Learning", CVPR 2018 (arXiv:1706.00384).
     """
     T = _check_temperature(T)
     _check_logits("logits", logits)
@@ -114,6 +116,8 @@ def mutual_learning_losses(
         alpha: weight of the peer term in [0, 1]; 0 is independent training.
     Returns:
         (K,) tensor; entry k depends on peer k's logits only (others detached).
+
+    Source: Zhang, Xiang, Hospedales & Lu, "Deep Mutual Learning", CVPR 2018 (arXiv:1706.00384).
     """
     logits = _check_group("peer_logits", peer_logits, min_k=2)
     T, alpha = _check_temperature(T), _check_alpha(alpha)
@@ -135,6 +139,8 @@ def mutual_learning_loss(
     """``sum_k L_k``: the scalar to minimise when all peers train together.
 
     Same arguments as :func:`mutual_learning_losses`; returns a scalar.
+
+    Source: Zhang, Xiang, Hospedales & Lu, "Deep Mutual Learning", CVPR 2018 (arXiv:1706.00384).
     """
     return mutual_learning_losses(peer_logits, labels, T=T, alpha=alpha).sum()
 
@@ -152,6 +158,9 @@ def average_probs_as_logits(logits: Sequence[torch.Tensor], T: float = 1.0) -> t
     probabilities at temperature ``T`` (computed with a log-sum-exp, so it
     stays finite for large logits). ``argmax`` of the result is the
     prediction of the probability-averaging ensemble at that temperature.
+
+    Source: Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network", NIPS 2014 Deep Learning
+        Workshop (arXiv:1503.02531, 2015). (section 1)
     """
     group = _check_group("logits", logits, min_k=1)
     T = _check_temperature(T)

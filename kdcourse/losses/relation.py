@@ -70,6 +70,8 @@ def normalized_distances(e: torch.Tensor, eps: float = EPS) -> torch.Tensor:
     clamps squared distances to 1e-12 before the square root); the value is
     a constant there (zero gradient). (Not divided by the maximum: one
     outlier pair would shrink every other distance.)
+
+    Source: Park, Kim, Lu & Cho, "Relational Knowledge Distillation", CVPR 2019 (arXiv:1904.05068).
     """
     d = pairwise_distances(e, eps)
     off = ~torch.eye(d.shape[0], dtype=torch.bool, device=d.device)
@@ -93,6 +95,8 @@ def rkd_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         teacher: (B, D_t), detached. B >= 2.
     Returns:
         scalar tensor. RepDistiller weights it by 25.
+
+    Source: Park, Kim, Lu & Cho, "Relational Knowledge Distillation", CVPR 2019 (arXiv:1904.05068).
     """
     s, t = _check_pair(student, teacher)
     return F.smooth_l1_loss(normalized_distances(s), normalized_distances(t))
@@ -120,6 +124,8 @@ def triplet_angles(e: torch.Tensor, eps: float = EPS) -> torch.Tensor:
     under translation; centring limits cancellation):
     <x_i - x_j, x_k - x_j> = G_ik - G_ij - G_jk + G_jj — B^3 elementwise
     operations instead of B batched (B x D) @ (D x B) products.
+
+    Source: Park, Kim, Lu & Cho, "Relational Knowledge Distillation", CVPR 2019 (arXiv:1904.05068).
     """
     e = e - e.mean(dim=0, keepdim=True)
     g = e @ e.t()
@@ -146,6 +152,8 @@ def rkd_angle(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         student: (B, D_s); teacher: (B, D_t), detached. B >= 3. Memory B^2 * D.
     Returns:
         scalar tensor. RepDistiller weights it by 50.
+
+    Source: Park, Kim, Lu & Cho, "Relational Knowledge Distillation", CVPR 2019 (arXiv:1904.05068).
     """
     s, t = _check_pair(student, teacher, min_batch=3)
     return F.smooth_l1_loss(triplet_angles(s), triplet_angles(t))
@@ -157,7 +165,10 @@ def rkd_angle(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 
 def sp_gram(features: torch.Tensor, eps: float = EPS) -> torch.Tensor:
     """Tung & Mori's G~: G = Q Q^T with Q = features reshaped to (B, -1),
-    then each row divided by its L2 norm. (B, B)."""
+    then each row divided by its L2 norm. (B, B).
+
+    Source: Tung & Mori, "Similarity-Preserving Knowledge Distillation", ICCV 2019 (arXiv:1907.09682).
+    """
     q = features.flatten(1)
     return F.normalize(q @ q.t(), p=2, dim=1, eps=eps)
 
@@ -177,6 +188,8 @@ def similarity_preserving(student: torch.Tensor, teacher: torch.Tensor) -> torch
     Returns:
         scalar tensor. The paper weights it by gamma = 3000.
     Reference: Tung & Mori, "Similarity-Preserving Knowledge Distillation", ICCV 2019, eq. (2)-(4).
+
+    Source: Tung & Mori, "Similarity-Preserving Knowledge Distillation", ICCV 2019 (arXiv:1907.09682).
     """
     s, t = _check_pair(student, teacher)
     return (sp_gram(t) - sp_gram(s)).pow(2).sum() / s.shape[0] ** 2
@@ -203,6 +216,8 @@ def batch_similarity_kl(student_logits: torch.Tensor, teacher_logits: torch.Tens
             measure it in the lab before trusting this loss.
     Returns:
         scalar tensor.
+
+    Source: this course's lab handout (no paper).
     """
     tau = _validate.temperature(tau, name="tau", typical="0.1-1")
     s, t = _check_pair(student_logits, teacher_logits)

@@ -35,6 +35,9 @@ def soft_targets(logits: torch.Tensor, T: float = 1.0) -> torch.Tensor:
         T: temperature > 0. T -> 0 gives the one-hot argmax, T -> inf uniform.
     Returns:
         probabilities of the same shape, each row summing to 1.
+
+    Source: Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network", NIPS 2014 Deep Learning
+        Workshop (arXiv:1503.02531, 2015).
     """
     T = _validate.temperature(T)
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
@@ -54,6 +57,9 @@ def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T:
         T: temperature > 0 applied to *both* sides.
     Returns:
         scalar tensor (>= 0).
+
+    Source: Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network", NIPS 2014 Deep Learning
+        Workshop (arXiv:1503.02531, 2015).
     """
     T = _validate.temperature(T)
     _validate.logits("student_logits", student_logits)
@@ -90,6 +96,9 @@ def kd_loss(
         alpha: weight of the distillation term, in [0, 1].
     Returns:
         scalar tensor.
+
+    Source: Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network", NIPS 2014 Deep Learning
+        Workshop (arXiv:1503.02531, 2015).
     """
     alpha = _validate.alpha(alpha)
     soft = kl_divergence(student_logits, teacher_logits.detach(), T) * (_validate.temperature(T) ** 2)

@@ -58,6 +58,9 @@ def uniform_layer_map(n_student: int, n_teacher: int) -> list[int]:
         n_student, n_teacher: numbers of transformer layers, 1 <= n_student <= n_teacher.
     Returns:
         list of ``n_student`` teacher layer numbers, strictly increasing.
+
+    Source: Jiao, Yin, Shang, Jiang, Chen, Li, Wang & Liu, "TinyBERT: Distilling BERT for Natural Language
+        Understanding", Findings of EMNLP 2020 (arXiv:1909.10351).
     """
     for name, v in (("n_student", n_student), ("n_teacher", n_teacher)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -93,6 +96,9 @@ def masked_mse(student: torch.Tensor, teacher: torch.Tensor, attention_mask: tor
     Args:
         student, teacher: (B, S, D) (the student already projected to the teacher's width).
         attention_mask: (B, S) 1 at real tokens, 0 at padding; ``None`` = all real.
+
+    Source: Jiao, Yin, Shang, Jiang, Chen, Li, Wang & Liu, "TinyBERT: Distilling BERT for Natural Language
+        Understanding", Findings of EMNLP 2020 (arXiv:1909.10351).
     """
     _tensor("student", student, 3, "(B, S, D)")
     _tensor("teacher", teacher, 3, "(B, S, D)")
@@ -127,6 +133,9 @@ def hidden_state_loss(
         attention_mask: (B, S); padded tokens are left out of the MSE.
     Returns:
         scalar tensor.
+
+    Source: Jiao, Yin, Shang, Jiang, Chen, Li, Wang & Liu, "TinyBERT: Distilling BERT for Natural Language
+        Understanding", Findings of EMNLP 2020 (arXiv:1909.10351).
     """
     n_s, n_t = len(student_hidden_states) - 1, len(teacher_hidden_states) - 1
     if n_s < 1:
@@ -156,6 +165,9 @@ def embedding_loss(
         teacher_embeddings: (B, S, d_t) — HF ``hidden_states[0]`` of the teacher.
         projection: learned d_s -> d_t map (``W_e``); ``None`` only when d_s == d_t.
         attention_mask: (B, S).
+
+    Source: Jiao, Yin, Shang, Jiang, Chen, Li, Wang & Liu, "TinyBERT: Distilling BERT for Natural Language
+        Understanding", Findings of EMNLP 2020 (arXiv:1909.10351).
     """
     _tensor("teacher_embeddings", teacher_embeddings, 3, "(B, S, D)")
     s = _project(_tensor("student_embeddings", student_embeddings, 3, "(B, S, D)"), projection,
@@ -190,6 +202,9 @@ def attention_kl(
         eps: floor for the student's probabilities inside the log.
     Returns:
         scalar tensor (>= 0).
+
+    Source: Wang, Wei, Dong, Bao, Yang & Zhou, "MiniLM: Deep Self-Attention Distillation for Task-Agnostic
+        Compression of Pre-Trained Transformers", NeurIPS 2020 (arXiv:2002.10957).
     """
     _tensor("student_attention", student_attention, 4, "(B, H, S, S)")
     _tensor("teacher_attention", teacher_attention, 4, "(B, H, S, S)")
@@ -224,6 +239,11 @@ def attention_loss(
         teacher_attentions: ``L_T`` tensors (B, H, S, S) (unused entries may be ``None``).
         layer_map: ``L_S`` teacher layer numbers, 1-based.
         attention_mask: (B, S).
+
+    Source: Wang, Wei, Dong, Bao, Yang & Zhou, "MiniLM: Deep Self-Attention Distillation for Task-Agnostic
+        Compression of Pre-Trained Transformers", NeurIPS 2020 (arXiv:2002.10957).; layer map: Jiao, Yin, Shang,
+        Jiang, Chen, Li, Wang & Liu, "TinyBERT: Distilling BERT for Natural Language Understanding", Findings of
+        EMNLP 2020 (arXiv:1909.10351).
     """
     n_s, n_t = len(student_attentions), len(teacher_attentions)
     layer_map = _check_layer_map(layer_map, n_s, n_t)
@@ -252,6 +272,9 @@ def prediction_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     Args:
         student_logits, teacher_logits: (N, C).
         T: temperature > 0 (TinyBERT uses T = 1).
+
+    Source: Jiao, Yin, Shang, Jiang, Chen, Li, Wang & Liu, "TinyBERT: Distilling BERT for Natural Language
+        Understanding", Findings of EMNLP 2020 (arXiv:1909.10351).
     """
     _tensor("student_logits", student_logits, 2, "(N, C)")
     _tensor("teacher_logits", teacher_logits, 2, "(N, C)")
