@@ -209,28 +209,47 @@ def teacher(profile, data: ImageData, variant: str = "main", seed: int = 0, dire
     whether it came from the cache).
     """
     rec = recipe(profile, variant, seed)
-    path = cache_path(rec, data, directory)
-    model = models.build(rec.model_spec, data.num_classes)
+
+    def refresh(model, blob):
+        if blob["info"].get("eval_splits") != eval_fingerprint(data):
+            # same teacher, other validation/test splits (e.g. a changed n_test): its stored
+            # accuracies would describe other images, so measure them again and store them
+            blob["info"] = dict(blob["info"], **eval_info(model, data))
+            return True
+        return False
+
+    return _stored_teacher(cache_path(rec, data, directory), cache_key(rec, data), rec.to_json(), "teacher cache",
+                           lambda: models.build(rec.model_spec, data.num_classes),
+                           lambda: train_teacher(rec, data, progress=progress), rebuild, refresh)
+
+
+def _stored_teacher(path: str, key: str, recipe_json: str, what: str, build, train, rebuild: bool,
+                    refresh=None) -> tuple[nn.Module, dict]:
+    """The one load / verify / rebuild flow of every teacher on disk (image and BERT).
+
+    Loads ``path`` when its checksum (:func:`load_checked`) and ``key`` match
+    and the weights fit ``build()``; a corrupt, truncated or incompatible file
+    is reported and rebuilt; otherwise ``train() -> (model, info)`` runs and its
+    result is written atomically. ``refresh(model, blob) -> bool`` may update a
+    loaded blob's info (then the file is rewritten). Returns the frozen model
+    on the course device and its info (``cache_path``, ``from_cache`` added)."""
     if os.path.exists(path) and not rebuild:
         try:
             blob = load_checked(path)
-            if blob.get("key") != cache_key(rec, data):
+            if blob.get("key") != key:
                 raise CorruptCache(f"{path}: key mismatch")
+            model = build()
             model.load_state_dict(blob["state_dict"])
             model = freeze(model.to(runtime.device()))
-            if blob["info"].get("eval_splits") != eval_fingerprint(data):
-                # same teacher, other validation/test splits (e.g. a changed n_test): its stored
-                # accuracies would describe other images, so measure them again and store them
-                blob["info"] = dict(blob["info"], **eval_info(model, data))
+            if refresh is not None and refresh(model, blob):
                 save_atomic(blob, path)
-            info = dict(blob["info"], cache_path=path, from_cache=True)
-            return model, info
-        except Exception as exc:  # corrupt, truncated, or from an incompatible version
-            warnings.warn(f"teacher cache {path} is unusable ({exc}); rebuilding it", stacklevel=2)
+            return model, dict(blob["info"], cache_path=path, from_cache=True)
+        except Exception as exc:  # corrupt, truncated, or written by an incompatible version
+            warnings.warn(f"{what} {path} is unusable ({exc}); rebuilding it", stacklevel=3)
             os.remove(path)
-    model, info = train_teacher(rec, data, progress=progress)
+    model, info = train()
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    save_atomic({"key": cache_key(rec, data), "recipe": rec.to_json(), "info": info, "state_dict": state}, path)
+    save_atomic({"key": key, "recipe": recipe_json, "info": info, "state_dict": state}, path)
     return freeze(model), dict(info, cache_path=path, from_cache=False)
 
 
@@ -284,20 +303,6 @@ def bert_teacher(profile, data: TextData, seed: int = 0, directory: str | None =
     """
     c = lab3_settings(profile)
     rec, key = _bert_key(c, data, seed)
-    path = os.path.join(directory or cache_dir(), f"bert-teacher-{key}.pt")
-    if os.path.exists(path) and not rebuild:
-        try:
-            blob = load_checked(path)
-            if blob.get("key") != key:
-                raise CorruptCache(f"{path}: key mismatch")
-            model = bert.build(c.teacher, data, mlm_head=True, tie_mlm=False)
-            model.load_state_dict(blob["state_dict"])
-            info = dict(blob["info"], cache_path=path, from_cache=True)
-            return freeze(model.to(runtime.device())), info
-        except Exception as exc:  # corrupt, truncated, or written by an incompatible version
-            warnings.warn(f"BERT teacher cache {path} is unusable ({exc}); rebuilding it", stacklevel=2)
-            os.remove(path)
-    model, info = train_bert_teacher(profile, data, seed=seed, progress=progress)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    save_atomic({"key": key, "recipe": rec, "info": info, "state_dict": state}, path)
-    return freeze(model), dict(info, cache_path=path, from_cache=False)
+    return _stored_teacher(os.path.join(directory or cache_dir(), f"bert-teacher-{key}.pt"), key, rec,
+                           "BERT teacher cache", lambda: bert.build(c.teacher, data, mlm_head=True, tie_mlm=False),
+                           lambda: train_bert_teacher(profile, data, seed=seed, progress=progress), rebuild)
