@@ -18,7 +18,7 @@ layer  modules                                                what lives there
 5      ``zoo``, ``runs``, ``datafree``                        cached teachers on disk (image and BERT);
                                                               seeded runs, summaries, verdicts, rows
 6      ``recipes/``, ``deploy/``, ``checks/``, ``lesson``,     the multi-run experiments of each lab;
-       ``widgets``, ``plots``                                 deployment; what notebooks call
+       ``lab_end``, ``widgets``, ``plots``                    deployment; what notebooks call
 7      ``labgen``, ``grading/``, ``tools/``, ``benchmarks/``    instructor and CI tooling
 8      ``cli``                                                the one entry point
 =====  =====================================================  ===========================================

@@ -16,7 +16,7 @@ LAYERS = {
     "train": 3,
     "teacher_cache": 4, "distill": 4,
     "zoo": 5, "runs": 5, "datafree": 5,
-    "recipes": 6, "deploy": 6, "checks": 6, "lesson": 6, "widgets": 6, "plots": 6,
+    "recipes": 6, "deploy": 6, "checks": 6, "lesson": 6, "lab_end": 6, "widgets": 6, "plots": 6,
     "labgen": 7, "grading": 7, "tools": 7, "benchmarks": 7,
     "cli": 8, "__main__": 8,
 }
