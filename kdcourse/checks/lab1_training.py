@@ -23,9 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data import Batch
-from . import CheckFailed, contract
-
-INPLACE = "inputs changed in place"
+from . import CheckFailed, contract, probing
+from .probing import INPLACE
 VISIBLE_SEEDS = (0, 1, 2, 3)
 
 
@@ -58,11 +57,6 @@ def inplace_guard(name: str, fn: Callable, names: list, args: list, kwargs: dict
                           "`.exp_()`): the caller's tensor is modified. Work on a new tensor (out-of-place operations).")
 
 
-def _is_inplace_error(exc: BaseException) -> bool:
-    text = str(exc)
-    return isinstance(exc, RuntimeError) and ("in-place operation" in text or "modified by an inplace" in text)
-
-
 def _exercise(name: str) -> contract.Exercise:
     from . import lab1
 
@@ -76,42 +70,7 @@ def visible_check(name: str, fn: Callable, seeds=VISIBLE_SEEDS, hints: Callable 
     """Probe ``fn`` on ``seeds``; raise :class:`CheckFailed` naming the
     mistake, or print one ✓ line and return ``True``. ``hints(data)`` may
     name a mistake from the student's data alone (checked first)."""
-    ex = _exercise(name)
-    student, ref = {}, {}
-    for s in seeds:
-        try:
-            student[s] = contract.run_probe(ex, fn, s)
-        except NotImplementedError:
-            raise
-        except CheckFailed:
-            raise
-        except contract.PlainDataError as exc:
-            raise CheckFailed(f"{name}: {exc}") from None
-        except Exception as exc:
-            if _is_inplace_error(exc):
-                raise CheckFailed(f"{name} changes an input in place (an operation ending in _ or `x[...] = `, "
-                                  f"`x /= T` on an argument): compute on a new tensor instead ({exc})") from None
-            raise CheckFailed(f"{name} raised {type(exc).__name__}: {exc}") from None
-        ref[s] = contract.run_probe(ex, ex.reference, s)
-        changed = student[s].get(INPLACE) if isinstance(student[s], dict) else None
-        if changed:
-            raise CheckFailed(f"{name} changed its input {', '.join(changed)} in place (e.g. `x -= ...`, `x[...] = ...`, "
-                              "`.exp_()`): the caller's tensor is modified. Work on a new tensor (out-of-place operations).")
-        if hints is not None:
-            hint = hints(student[s])
-            if hint:
-                raise CheckFailed(f"{name} is not right yet: {hint}")
-    verdict = contract.diagnose_data(ex, student, ref, lambda v, s: contract.run_probe(ex, ex.variants[v][0], s))
-    if verdict.ok:
-        if not quiet:
-            print(f"✓ {name} agrees with the reference on {len(seeds)} probes (every value and gradient they record; "
-                  f"rtol={ex.rtol:g}, atol={ex.atol:g})")
-        return True
-    if verdict.variant:
-        raise CheckFailed(verdict.hint)
-    s = next(s for s in seeds if ex.differs(student[s], ref[s], s))
-    case = student[s].get("case", f"seed {s}") if isinstance(student[s], dict) else f"seed {s}"
-    raise CheckFailed(f"{name} differs from the reference on {case}: {ex.differs(student[s], ref[s], s)}")
+    return probing.probe_check(_exercise(name), fn, seeds, hints, quiet, what="every value and gradient they record")
 
 
 def _not_autograd(name: str, fn: Callable) -> None:

@@ -18,42 +18,15 @@ import torch
 import torch.nn.functional as F
 
 from ..losses import transformer as tl
-from . import CheckFailed, contract
-
-INPLACE = "inputs changed in place"
+from . import CheckFailed, contract, probing
+from .probing import INPLACE
 VISIBLE_SEEDS = (0, 1, 2, 3)
 
 
 def visible_check(ex: contract.Exercise, fn: Callable, seeds=VISIBLE_SEEDS, what: str = "values and gradients") -> bool:
     """Probe ``fn`` on ``seeds`` and decide like the grader: raise
     :class:`CheckFailed` naming the mistake, or print one ✓ line."""
-    student, ref = {}, {}
-    for s in seeds:
-        try:
-            student[s] = contract.run_probe(ex, fn, s)
-        except (NotImplementedError, CheckFailed):
-            raise
-        except contract.PlainDataError as exc:
-            raise CheckFailed(f"{ex.name}: {exc}") from None
-        except Exception as exc:
-            raise CheckFailed(f"{ex.name} raised {type(exc).__name__}: {exc}") from None
-        ref[s] = contract.run_probe(ex, ex.reference, s)
-        changed = student[s].get(INPLACE) if isinstance(student[s], dict) else None
-        if changed:
-            raise CheckFailed(f"{ex.name} changed its input {', '.join(changed)} in place (`x /= T`, `x[...] = ...`, "
-                              "an operation ending in _): the caller's tensor is modified. Work on a new tensor.")
-        if isinstance(student[s], dict) and "raised" in student[s] and "raised" not in ref[s]:
-            raise CheckFailed(f"{ex.name} raised {student[s]['raised']} on {student[s].get('case', f'seed {s}')}")
-    verdict = contract.diagnose_data(ex, student, ref, lambda v, s: contract.run_probe(ex, ex.variants[v][0], s))
-    if verdict.ok:
-        print(f"✓ {ex.name} agrees with the reference on {len(seeds)} probes ({what}; "
-              f"rtol={ex.rtol:g}, atol={ex.atol:g})")
-        return True
-    if verdict.variant:
-        raise CheckFailed(verdict.hint)
-    s = next(s for s in seeds if ex.differs(student[s], ref[s], s))
-    case = student[s].get("case", f"seed {s}") if isinstance(student[s], dict) else f"seed {s}"
-    raise CheckFailed(f"{ex.name} differs from the reference on {case}: {ex.differs(student[s], ref[s], s)}")
+    return probing.probe_check(ex, fn, seeds, what=what, raised_first=True)
 
 
 def attempt(fn: Callable, *args, **kwargs):

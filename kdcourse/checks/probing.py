@@ -24,9 +24,12 @@ def _is_inplace_error(exc: BaseException) -> bool:
 
 
 def probe_check(ex: contract.Exercise, fn: Callable, seeds=(0, 1, 2, 3), hints: Callable | None = None,
-                quiet: bool = False) -> bool:
+                quiet: bool = False, what: str = "every value they record", raised_first: bool = False) -> bool:
     """Probe ``fn`` on ``seeds``; raise :class:`CheckFailed` naming the
-    mistake, or print one ✓ line and return ``True``."""
+    mistake, or print one ✓ line and return ``True``. ``what``: what the
+    probes record, for the ✓ line; ``raised_first``: a probe case where the
+    student's function raised and the reference did not is named before
+    the comparison."""
     name, student, ref = ex.name, {}, {}
     for s in seeds:
         try:
@@ -49,10 +52,12 @@ def probe_check(ex: contract.Exercise, fn: Callable, seeds=(0, 1, 2, 3), hints: 
             hint = hints(student[s])
             if hint:
                 raise CheckFailed(f"{name} is not right yet: {hint}")
+        if raised_first and isinstance(student[s], dict) and "raised" in student[s] and "raised" not in ref[s]:
+            raise CheckFailed(f"{name} raised {student[s]['raised']} on {student[s].get('case', f'seed {s}')}")
     verdict = contract.diagnose_data(ex, student, ref, lambda v, s: contract.run_probe(ex, ex.variants[v][0], s))
     if verdict.ok:
         if not quiet:
-            print(f"✓ {name} agrees with the reference on {len(seeds)} probes (every value they record; "
+            print(f"✓ {name} agrees with the reference on {len(seeds)} probes ({what}; "
                   f"rtol={ex.rtol:g}, atol={ex.atol:g})")
         return True
     if verdict.variant:
