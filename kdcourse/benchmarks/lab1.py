@@ -63,7 +63,8 @@ def main(profile: str = "laptop", repeats: int = 3, only: tuple = PARTS) -> int:
     print(f"# Lab 1 benchmark — profile {prof.name}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     ds = data.load(prof)
     # a fresh cache when the first teacher build is timed; otherwise the usual one
-    cache = tempfile.mkdtemp(prefix="kdcourse-bench-") if "teacher" in only else zoo.cache_dir()
+    fresh = tempfile.TemporaryDirectory(prefix="kdcourse-bench-") if "teacher" in only else None  # deleted at exit
+    cache = fresh.name if fresh else zoo.cache_dir()
     os.environ["KDCOURSE_CACHE"] = cache
 
     t0 = time.perf_counter()

@@ -222,12 +222,24 @@ CALIBRATION_VARIANTS = {
 }
 
 
+_PROBE_DIR = []  # one TemporaryDirectory per process, removed when the process exits
+
+
+def _probe_dir() -> str:
+    """This process's folder for the probes' ONNX files (deleted at exit, so
+    repeated checks leave nothing in the system's temporary folder)."""
+    import tempfile
+
+    if not _PROBE_DIR:
+        _PROBE_DIR.append(tempfile.TemporaryDirectory(prefix="kdcourse-probe-"))
+    return _PROBE_DIR[0].name
+
+
 def _tiny_onnx(seed: int) -> str:
     """A seeded tiny CNN exported to ONNX (cached per process)."""
-    import tempfile
     import warnings
 
-    path = os.path.join(tempfile.gettempdir(), f"kdcourse-probe-{os.getpid()}-{seed % 2}.onnx")
+    path = os.path.join(_probe_dir(), f"tiny-{seed % 2}.onnx")
     if not os.path.exists(path):
         torch.manual_seed(seed % 2)
         model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 8, 3, stride=2, padding=1),
@@ -247,14 +259,16 @@ def probe_quantize_student(fn: Callable, seed: int) -> dict:
     the INT8 model's logits on seeded inputs."""
     import tempfile
 
-    from .. import deploy
-
     g = contract.generator(seed)
     float_path = _tiny_onnx(seed)
     calibration = [torch.randn(8, 3, 12, 12, generator=g) for _ in range(3)]
-    out_dir = tempfile.mkdtemp(prefix="kdcourse-probe-")
-    out_path = os.path.join(out_dir, "int8.onnx")
-    got = fn(float_path, out_path, calibration)
+    with tempfile.TemporaryDirectory(dir=_probe_dir()) as out_dir:  # removed with whatever fn wrote there
+        return _probe_quantized(fn(float_path, os.path.join(out_dir, "int8.onnx"), calibration), float_path, g)
+
+
+def _probe_quantized(got, float_path: str, g: torch.Generator) -> dict:
+    from .. import deploy
+
     if not isinstance(got, (str, os.PathLike)) or not os.path.isfile(got):
         return {"file": "no quantized ONNX file at the returned path"}
     if os.path.abspath(got) == os.path.abspath(float_path):
