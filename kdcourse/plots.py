@@ -94,3 +94,26 @@ def history(histories: dict, key: str = "val_acc", ylabel: str = "validation acc
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def twin_series(history, left: str, right: str, left_label: str | None = None, right_label: str | None = None,
+                title: str | None = None, figsize=(5, 2.6)):
+    """Two logged series of one :class:`~kdcourse.train.History` against the
+    epoch, ``left`` on the left axis (colour C0) and ``right`` on a twin
+    right axis (C1) — e.g. a temperature and a loss weight of a schedule."""
+    plt = _plt()
+    for key in (left, right):
+        if all(v is None for v in history.series(key)):
+            raise KeyError(f"twin_series: the history logged no {key!r}; "
+                           f"name a series the training loop records (e.g. 'val_acc', 'T', 'alpha')")
+    fig, ax = plt.subplots(figsize=figsize)
+    epochs, ax_right = history.series("epoch"), ax.twinx()
+    ax.plot(epochs, history.series(left), color="C0")
+    ax.set_ylabel(left_label or left, color="C0")
+    ax_right.plot(epochs, history.series(right), color="C1")
+    ax_right.set_ylabel(right_label or right, color="C1")
+    ax.set_xlabel("epoch")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig

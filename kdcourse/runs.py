@@ -246,3 +246,87 @@ def show_table(rows: Sequence[dict], columns: Sequence[str] | None = None):
     except ImportError:  # pragma: no cover - IPython is a dependency
         print(text)
     return text
+
+
+# --------------------------------------------------------------------------
+# Result rows: one table row per Run / Summary / accuracy, for any lab
+# --------------------------------------------------------------------------
+
+def per_seed_values(summary: Summary, digits: int = 1, scale: float = 100.0) -> str:
+    """``"87.1, 86.4, 88.0"``: a summary's values in seed order (points by default)."""
+    return ", ".join(f"{scale * v:.{digits}f}" for v in summary.values)
+
+
+def binomial_std(p: float, n: int, floor: float = 0.0) -> float:
+    """Standard deviation of an accuracy (or recall) ``p`` measured on ``n``
+    examples, ``sqrt(max(p (1 - p), floor) / n)``; ``floor > 0`` keeps it
+    from being 0 when ``p`` is 0 or 1."""
+    if n < 1:
+        raise ValueError(f"binomial_std: n = {n}; give the number of examples the accuracy was measured on (>= 1)")
+    return math.sqrt(max(p * (1 - p), floor) / n)
+
+
+def result_row(value, *, column: str = "test acc (%)", reference: float | None = None,
+               reference_column: str = "% of reference", baseline: Summary | None = None,
+               baseline_column: str = "vs baseline", per_seed: bool = False, seconds: bool = False) -> dict:
+    """The measured columns of one table row, to merge after a row's own
+    label columns: ``{"model": name, **result_row(summary, ...)}``.
+
+    ``value`` is a :class:`Summary` (``column`` shows :func:`fmt_mean_std`),
+    a :class:`Run` or a plain accuracy, a fraction (``column`` shows points,
+    2 decimals). Optional columns, in this order:
+
+    * ``reference`` (a fraction, e.g. the teacher's accuracy): the mean as a
+      percentage of it, 1 decimal, under ``reference_column``;
+    * ``baseline`` (a Summary): ``"baseline"`` for the baseline itself, else
+      :func:`verdict` against it, under ``baseline_column``;
+    * ``per_seed``: :func:`per_seed_values` of a Summary, ``"per seed"``;
+    * ``seconds``: a Run's training time, 0 decimals (empty for anything else).
+    """
+    if isinstance(value, Summary):
+        mean, shown = value.mean, fmt_mean_std(value)
+    elif isinstance(value, Run):
+        mean, shown = value.test_acc, f"{100 * value.test_acc:.2f}"
+    elif isinstance(value, (int, float)):
+        mean, shown = float(value), f"{100 * value:.2f}"
+    else:
+        raise TypeError(f"result_row: value is a {type(value).__name__}; give a Summary, a Run or an accuracy (a float)")
+    row = {column: shown}
+    if reference is not None:
+        if reference == 0:
+            raise ValueError("result_row: reference is 0; give the reference accuracy as a fraction > 0")
+        row[reference_column] = f"{100 * mean / reference:.1f}"
+    if baseline is not None:
+        if not isinstance(value, Summary):
+            raise TypeError("result_row: a verdict against baseline needs a Summary as value")
+        row[baseline_column] = "baseline" if value is baseline else verdict(value, baseline)
+    if per_seed:
+        if not isinstance(value, Summary):
+            raise TypeError("result_row: per_seed needs a Summary as value")
+        row["per seed"] = per_seed_values(value)
+    if seconds:
+        row["seconds"] = f"{value.seconds:.0f}" if isinstance(value, Run) else ""
+    return row
+
+
+def result_rows(results: Mapping, label: str = "model", **options) -> list[dict]:
+    """One row per ``name -> value`` of ``results``: ``{label: name, **result_row(value, **options)}``.
+
+        runs.show_table(runs.result_rows(summaries, reference=teacher_acc, reference_column="% of teacher"))
+    """
+    return [{label: name, **result_row(value, **options)} for name, value in results.items()]
+
+
+def spread_line(summaries: Mapping[str, Summary]) -> str:
+    """``"seed std per row (points): a 0.31, b 0.12; widest: a"``."""
+    if not summaries:
+        raise ValueError("spread_line: summaries is empty; give at least one name -> Summary")
+    std = {k: 100 * s.std for k, s in summaries.items()}
+    widest = max(std, key=std.get)
+    return "seed std per row (points): " + ", ".join(f"{k} {v:.2f}" for k, v in std.items()) + f"; widest: {widest}"
+
+
+def per_seed_line(summary: Summary, name: str | None = None) -> str:
+    """``"KD per seed: 87.1, 86.4, 88.0 (range 1.6 points)"``."""
+    return (f"{name or summary.name} per seed: {per_seed_values(summary)} "
+            f"(range {100 * (max(summary.values) - min(summary.values)):.1f} points)")

@@ -27,6 +27,7 @@ import torch.nn as nn
 
 from .. import models, runs
 from ..data import Batch, Split
+from ..losses import entropy_bits
 from ..train import Objective, StepOutput, TrainState, freeze, memo_logits, predict_logits, scheduled
 
 
@@ -131,7 +132,7 @@ def comparison_rows(teacher_name: str, teacher_acc: float, n_teacher: int, n_stu
              "test acc (%)": f"{100 * teacher_acc:.2f}", "% of teacher": "100"}]
     for name, s in students.items():
         rows.append({"model": name, "params": f"{n_student:,}", "compression": f"{n_teacher / n_student:.1f}x",
-                     "test acc (%)": f"{100 * s.mean:.2f} ± {100 * s.std:.2f}" if s.n > 1 else f"{100 * s.mean:.2f}",
+                     "test acc (%)": runs.fmt_mean_std(s) if s.n > 1 else f"{100 * s.mean:.2f}",
                      "% of teacher": f"{100 * s.mean / teacher_acc:.1f}"})
     return rows
 
@@ -178,6 +179,23 @@ def plot_compression(ratios, scratch, kd, teacher_acc: float):
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def teacher_rows(teachers: dict, test_logits: dict, ece: dict, students: dict, test_labels: torch.Tensor,
+                 student_train: Split) -> list[dict]:
+    """The over-fitted-teacher table: for each ``name -> teacher`` its test
+    accuracy (from ``test_logits[name]``), its ECE on test (``ece[name]``, a
+    fraction), the mean entropy (bits) of its predictions on the student's
+    training images, and the test accuracy of ``students[name]`` (a Run)."""
+    missing = [name for name in teachers if name not in test_logits or name not in ece or name not in students]
+    if missing:
+        raise KeyError(f"teacher_rows: no test logits, ECE or student run for {missing}; give each teacher all three")
+    return [{"teacher": name,
+             "teacher test acc (%)": f"{100 * float((test_logits[name].argmax(1) == test_labels).float().mean()):.2f}",
+             "teacher ECE on test (%)": f"{100 * ece[name]:.2f}",
+             "mean entropy of its predictions on the student's images (bits)":
+                 f"{float(entropy_bits(torch.softmax(memo_logits(t, student_train), 1)).mean()):.3f}",
+             "student test acc (%)": f"{100 * students[name].test_acc:.2f}"} for name, t in teachers.items()]
 
 
 def missing_class_rows(students: dict, data, missing: int, grid=None, choose_bias: Callable | None = None) -> list[dict]:

@@ -36,6 +36,7 @@ import statistics
 import time
 import dataclasses
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -197,6 +198,18 @@ def patient_and_consistent(teacher, data: ImageData, train: Split, *, build: dic
         "train_seconds": {k: r.history.seconds for k, r in (("cached, equal steps", steps_cached), ("patient", patient),
                                                             ("cached, equal wall-clock", wall_cached))},
     }
+
+
+def patience_rows(pc: dict, real_runs: Sequence, epochs: int) -> list[dict]:
+    """The table of :func:`patient_and_consistent`: first the usual cached
+    runs ``real_runs`` (one per seed, ``epochs`` epochs: mean train time,
+    mean ± std), then one row per run of ``pc`` (epochs, train time, accuracy)."""
+    real = runs.summarize(real_runs)
+    rows = [{"run": f"cached logits, usual schedule (table above, {real.n} seeds)", "epochs": epochs,
+             "train time (s)": f"{sum(r.history.seconds for r in real_runs) / real.n:.1f}", **runs.result_row(real)}]
+    rows += [{"run": name, "epochs": pc["epochs"][name], "train time (s)": f"{pc['train_seconds'][name]:.1f}",
+              **runs.result_row(run)} for name, run in pc["runs"].items()]
+    return rows
 
 
 def per_class_confidence(teacher, split: Split) -> torch.Tensor:
