@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from typing import Callable
+import torch
 import torch.nn.functional as F
 from ...losses import feature, relation
 from .. import Case, diagnose
@@ -109,19 +110,20 @@ def _rkd_with(norm, dist=relation.pairwise_distances, crit=F.smooth_l1_loss):
 
 
 def _mean_nz(d):
-    return d / d[d > 0].mean()
+    """d divided by the mean of its off-diagonal entries (every pair i != j, as the RKD paper's mu)."""
+    return d / d[~torch.eye(d.shape[0], dtype=torch.bool, device=d.device)].mean()
 
 
 RKD_VARIANTS = {
     "max": (_rkd_with(lambda d: d / d.max()),
             "the distances are divided by the largest one (as a reference chapter does); RKD divides by the mean of "
-            "the non-zero distances, so one outlier pair cannot shrink all the others."),
+            "the distances over all pairs i != j, so one outlier pair cannot shrink all the others."),
     "mean_all": (_rkd_with(lambda d: d / d.mean()),
-                 "the mean includes the B zero distances on the diagonal; average only the non-zero (off-diagonal) "
-                 "distances: d[d > 0].mean()."),
+                 "the mean includes the B zero distances on the diagonal; average only the off-diagonal pairs "
+                 "i != j: d[~torch.eye(B, dtype=torch.bool)].mean()."),
     "unnormalized": (_rkd_with(lambda d: d),
-                     "the distances are not normalised: divide each side by its own mean non-zero distance, so the "
-                     "student matches the teacher's geometry, not its scale."),
+                     "the distances are not normalised: divide each side by its own mean distance over the "
+                     "pairs i != j, so the student matches the teacher's geometry, not its scale."),
     "squared": (_rkd_with(_mean_nz, dist=lambda e: relation.pairwise_distances(e).pow(2)),
                 "these are squared distances; RKD uses Euclidean distances ||x_i - x_j||_2."),
     "mse": (_rkd_with(_mean_nz, crit=F.mse_loss),
@@ -137,7 +139,7 @@ RKD_VARIANTS = {
 
 def check_rkd_distance(fn: Callable) -> bool:
     """``fn(student, teacher)`` (B, D) embeddings must equal
-    smooth_l1(d_s / mean(d_s > 0), d_t / mean(d_t > 0))."""
+    smooth_l1(d_s / mu_s, d_t / mu_t), mu the mean distance over all pairs i != j."""
     outlier = _randn(6, 4, seed=41)
     outlier[0] = outlier[0] * 30
     cases = [
