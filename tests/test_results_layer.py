@@ -221,3 +221,28 @@ def test_twin_series_plots_both_logged_series():
     assert left.get_ylabel() == "T" and right.get_ylabel() == "alpha" and left.get_title() == "schedule"
     with pytest.raises(KeyError, match="'beta'"):
         plots.twin_series(hist, "T", "beta")
+
+
+def test_lab3_accuracy_by_form_against_a_loop_over_reviews():
+    from kdcourse.data.reviews import FORMS, TextSplit
+
+    class FirstToken(nn.Module):  # predicts class (first token id) % 2
+        def forward(self, input_ids, attention_mask=None):
+            return nn.functional.one_hot(input_ids[:, 0] % 2, 2).float()
+
+    ids = torch.tensor([[1, 5], [2, 5], [3, 5], [4, 5], [5, 5]])
+    labels = torch.tensor([1, 1, 1, 0, 0])   # right, wrong, right, right, wrong
+    forms = (FORMS[0], FORMS[0], FORMS[1], FORMS[1], FORMS[1])
+    split = TextSplit(ids, labels, forms=forms)
+    acc = lab3_report.accuracy_by_form(FirstToken(), split)
+    pred = [int(i) % 2 for i in ids[:, 0]]
+    for f in FORMS:
+        idx = [i for i, g in enumerate(forms) if g == f]
+        if idx:
+            assert acc[f] == pytest.approx(sum(pred[i] == int(labels[i]) for i in idx) / len(idx))
+        else:
+            assert math.isnan(acc[f])
+    assert acc[FORMS[0]] == 0.5 and acc[FORMS[1]] == pytest.approx(2 / 3)
+    rows = lab3_report.by_form_rows({"m": FirstToken()}, split)
+    assert rows[0]["model"] == "m" and rows[0][FORMS[0]] == "50" and rows[0][FORMS[1]] == "67"
+    assert list(rows[0]) == ["model", *FORMS]

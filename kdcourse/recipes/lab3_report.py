@@ -6,12 +6,18 @@ and the reading, not the formatting.
 
 ``sp`` is what :func:`kdcourse.recipes.lab3.size_and_speed` returns;
 ``summaries`` maps a recipe's name to its :class:`~kdcourse.runs.Summary`.
+:func:`accuracy_by_form` splits an accuracy by the kind of review
+(:data:`kdcourse.data.reviews.FORMS`: a single clause, "but", "although", ...).
 """
 from __future__ import annotations
 
 from typing import Mapping
 
+import torch
+
 from .. import runs
+from ..data import reviews as text
+from ..train import predict_logits
 
 GOALS = (("student >= 10x fewer parameters", "size"), ("student >= 5x faster on this CPU", "speed"),
          ("best KD recipe >= 95% of the teacher", "accuracy"))
@@ -61,3 +67,20 @@ def single_runs_table(extra: Mapping[str, runs.Run], results: Mapping[str, list]
     return (runs.result_rows(extra, label="recipe", seconds=True)
             + runs.result_rows({f"{k} (same seed, from the table)": v[0].test_acc for k, v in results.items()},
                                label="recipe", seconds=True))
+
+
+def accuracy_by_form(model, split) -> dict:
+    """``{form: accuracy}`` of ``model`` on the reviews of ``split`` of each
+    form in :data:`kdcourse.data.reviews.FORMS` (``nan`` for a form ``split`` lacks)."""
+    pred = predict_logits(model, split).argmax(1)
+    out = {}
+    for f in text.FORMS:
+        m = torch.tensor([g == f for g in split.forms])
+        out[f] = float((pred[m] == split.labels[m]).float().mean()) if m.any() else float("nan")
+    return out
+
+
+def by_form_rows(models: Mapping, split) -> list[dict]:
+    """One row per ``name -> model``: its :func:`accuracy_by_form` in whole points."""
+    return [{"model": name, **{f: f"{100 * a:.0f}" for f, a in accuracy_by_form(model, split).items()}}
+            for name, model in models.items()]
