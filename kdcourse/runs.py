@@ -6,6 +6,17 @@
 
 Every figure is the test accuracy of the model as it is after its **last**
 epoch: no epoch is picked by looking at the test set.
+
+Reading results (what a notebook cell calls instead of formatting numbers):
+:func:`fmt_mean_std`, :func:`verdict`, :func:`significance`,
+:func:`per_seed`; table rows :func:`result_row` / :func:`result_rows` (a
+Summary, a Run or an accuracy, optionally % of a reference, a verdict
+against a baseline, per-seed values, seconds), :func:`compare_row`;
+:func:`spread_line`, :func:`per_seed_line`, :func:`binomial_std`;
+:func:`show_table` / :func:`markdown_table`.
+
+    runs.show_table(runs.result_rows(summaries, reference=teacher_acc, reference_column="% of teacher",
+                                     baseline=summaries["scratch"], per_seed=True))
 """
 from __future__ import annotations
 

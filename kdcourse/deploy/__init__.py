@@ -1,6 +1,7 @@
 """Deployment: honest latency and size, real INT8, saved artefacts.
 
-:mod:`.measure` (latency p50/p99, size, MACs, table rows), :mod:`.onnx`
+:mod:`.measure` (latency p50/p99, size, MACs, table rows), :mod:`.tables`
+(Lab 5's variant, memory, BERT and ResNet tables), :mod:`.onnx`
 (export, ONNX Runtime, INT8 quantizers, op counts), :mod:`.pt2e` (torch.export,
 torchao PT2E, compile). Everything is re-exported here (``from kdcourse import deploy``).
 
