@@ -17,23 +17,18 @@ from typing import Callable
 
 import torch
 
+from ..data.review_tokens import replace_picked
 from . import CheckFailed, contract
 
 SHARE_TOLERANCE = {"picked": 0.02, "to_mask": 0.05, "to_random": 0.04, "kept": 0.04}
 
 
 def reference_mask_tokens(input_ids, vocab_size, generator, prob=0.15, mask_id=4, n_special=5):
-    """(masked_ids, mlm_labels): BERT's 80/10/10 masking of ``prob`` of the real tokens (ids >= n_special)."""
+    """(masked_ids, mlm_labels): BERT's 80/10/10 masking of ``prob`` of the real tokens (ids >= n_special);
+    the 80/10/10 step is the package's own (:func:`kdcourse.data.review_tokens.replace_picked`)."""
     real = input_ids >= n_special
     pick = real & (torch.rand(input_ids.shape, generator=generator) < prob)
-    labels = torch.where(pick, input_ids, torch.full_like(input_ids, -100))
-    action = torch.rand(input_ids.shape, generator=generator)
-    words = torch.randint(n_special, vocab_size, input_ids.shape, generator=generator)
-    masked = input_ids.clone()
-    masked[pick & (action < 0.8)] = mask_id
-    swap = pick & (action >= 0.8) & (action < 0.9)
-    masked[swap] = words[swap]
-    return masked, labels
+    return replace_picked(input_ids, pick, vocab_size, generator, mask_id, n_special)
 
 
 def _masking_variant(kind: str):

@@ -141,6 +141,20 @@ def check_ensemble_logits(fn: Callable) -> bool:
 # Exercise: the minimal detectable difference
 # --------------------------------------------------------------------------
 
+def _number(got, fault):
+    """``(float, None)`` for a number a statistic returned (a Python number, a
+    one-element tensor, a NumPy scalar), else ``(None, the fault)``."""
+    if fault:
+        return None, fault
+    if isinstance(got, torch.Tensor) and got.numel() == 1:
+        got = float(got)
+    if hasattr(got, "item") and type(got).__module__ == "numpy":
+        got = float(got.item())
+    if type(got) not in (float, int):
+        return None, {"raised": f"not a number: {type(got).__name__}"}
+    return float(got), None
+
+
 def reference_mdd(values, t=2.0):
     """``t · s · sqrt(2 / n)``: s the sample standard deviation (n − 1) of the
     ``n`` per-seed values of one method."""
@@ -184,16 +198,10 @@ def probe_mdd(fn: Callable, seed: int = 0) -> dict:
         values = (0.7 + 0.03 * torch.randn(n, generator=g, dtype=torch.float64)).tolist()
         t = [2.0, 2.776, 1.0, 4.303, 3.0][(seed + i) % 5]
         given = [list, tuple][(seed + i) % 2](values)
-        got, fault = _attempt(fn, given, t=t)
+        got, fault = _number(*_attempt(fn, given, t=t))
         if fault:
             return fault
-        if isinstance(got, torch.Tensor) and got.numel() == 1:
-            got = float(got)
-        if hasattr(got, "item") and type(got).__module__ == "numpy":
-            got = float(got.item())
-        if type(got) not in (float, int):
-            return {"raised": f"not a number: {type(got).__name__}"}
-        out.append(float(got))
+        out.append(got)
     return {"mdd": out}
 
 
@@ -257,16 +265,10 @@ def probe_paired_t(fn: Callable, seed: int = 0) -> dict:
             b = a - [0.015625, -0.03125][seed % 2]  # the same difference on every seed (exact in binary)
         if i == 4 and seed % 3 == 0:
             b = a.clone()
-        got, fault = _attempt(fn, a.tolist(), b.tolist())
+        got, fault = _number(*_attempt(fn, a.tolist(), b.tolist()))
         if fault:
             return fault
-        if isinstance(got, torch.Tensor) and got.numel() == 1:
-            got = float(got)
-        if hasattr(got, "item") and type(got).__module__ == "numpy":
-            got = float(got.item())
-        if type(got) not in (float, int):
-            return {"raised": f"not a number: {type(got).__name__}"}
-        out.append(float(got))
+        out.append(got)
     return {"t": out}
 
 

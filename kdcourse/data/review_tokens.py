@@ -133,11 +133,23 @@ def mask_tokens(input_ids: torch.Tensor, vocab_size: int, generator: torch.Gener
     if none.any():
         first_choice = torch.where(real, r, torch.full_like(r, 2.0)).argmin(1)
         pick[none, first_choice[none]] = True
-    labels = torch.where(pick, ids, torch.full_like(ids, -100))
-    action = torch.rand(ids.shape, generator=generator)
-    random_words = torch.randint(n_special, vocab_size, ids.shape, generator=generator)
-    masked = ids.clone()
+    masked, labels = replace_picked(ids, pick, vocab_size, generator, mask_id, n_special)
+    return masked.to(input_ids.device), labels.to(input_ids.device)
+
+
+def replace_picked(input_ids: torch.Tensor, pick: torch.Tensor, vocab_size: int, generator: torch.Generator,
+                   mask_id: int = 4, n_special: int = len(SPECIALS)) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT's 80/10/10 on the tokens already picked (``pick``, a bool tensor
+    of ``input_ids``' shape): one uniform draw per token, below 0.8 the token
+    becomes ``mask_id``, from 0.8 to 0.9 a random word in
+    ``n_special .. vocab_size - 1``, above 0.9 it stays. Returns
+    ``(masked_ids, mlm_labels)``: a new tensor (the input is left alone) and
+    the original token where picked, ``-100`` elsewhere."""
+    labels = torch.where(pick, input_ids, torch.full_like(input_ids, -100))
+    action = torch.rand(input_ids.shape, generator=generator)
+    random_words = torch.randint(n_special, vocab_size, input_ids.shape, generator=generator)
+    masked = input_ids.clone()
     masked[pick & (action < 0.8)] = mask_id
     swap = pick & (action >= 0.8) & (action < 0.9)
     masked[swap] = random_words[swap]
-    return masked.to(input_ids.device), labels.to(input_ids.device)
+    return masked, labels

@@ -1,7 +1,7 @@
 """Input checks shared by the transformer losses (:mod:`.transformer`,
-:mod:`.distilbert`): a float tensor of the documented rank, an attention
-mask of the right shape holding 0/1, and a projection that makes the
-student's width the teacher's."""
+:mod:`.distilbert`): a float tensor of the documented rank, a student and a
+teacher tensor of one shape, an attention mask of the right shape holding
+0/1, and a projection that makes the student's width the teacher's."""
 from __future__ import annotations
 
 import torch
@@ -17,6 +17,21 @@ def _tensor(name: str, x, ndim: int, shape_doc: str) -> torch.Tensor:
     if not x.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
     return _validate.batch(name, x)
+
+
+def _pair(student_name: str, student, teacher_name: str, teacher, ndim: int, shape_doc: str,
+          fix="") -> tuple[int, ...]:
+    """Both float tensors of shape ``shape_doc`` (rank ``ndim``, a non-empty
+    batch) and equal shapes; returns that shape. ``fix`` ends the error of
+    unequal shapes (what to do about it): a string, or a function of the two
+    shapes giving one."""
+    _tensor(student_name, student, ndim, shape_doc)
+    _tensor(teacher_name, teacher, ndim, shape_doc)
+    if student.shape != teacher.shape:
+        fix = fix(student.shape, teacher.shape) if callable(fix) else fix
+        raise ValueError(f"{student_name} {tuple(student.shape)} and {teacher_name} {tuple(teacher.shape)} must "
+                         f"have the same shape {shape_doc}{fix}")
+    return tuple(student.shape)
 
 
 def _mask(attention_mask, batch: int, seq: int, like: torch.Tensor) -> torch.Tensor:

@@ -8,9 +8,15 @@ and the fix, never a silent NaN or a quietly different loss.
   an empty batch is NaN);
 * :func:`labels` — integer class indices in 0..C-1 (no ``-100``, which
   ``F.cross_entropy`` would silently skip; no float labels cast with ``.long()``);
+* :func:`token_labels` — masked-LM targets: a token id in 0..V-1, or ``-100``
+  where nothing is predicted (the one place ``-100`` is meant); integers only;
 * :func:`probabilities` — non-negative rows that sum to 1 (attention
   *scores* before the softmax are not probabilities);
 * :func:`layer_index` — a whole number (1.5 is not layer 1).
+
+A loss (a mean) refuses an empty batch; a function that gives one value per
+sample (``soft_targets``, ``entropy_bits``, ``pairwise_distances``, ...)
+gives an empty result for one.
 """
 from __future__ import annotations
 
@@ -66,6 +72,24 @@ def labels(y, n: int, num_classes: int | None = None, name: str = "labels") -> t
                          f"with alpha=1)")
     if num_classes is not None and y.numel() and int(y.max()) >= num_classes:
         raise ValueError(f"{name} contains class {int(y.max())} but the logits have {num_classes} classes (0..{num_classes - 1})")
+    return y.long()
+
+
+def token_labels(y, shape, num_classes: int, name: str = "mlm_labels", ignore_index: int = -100) -> torch.Tensor:
+    """Masked-LM targets of ``shape``: a token id in 0..num_classes-1 where a
+    token is predicted, ``ignore_index`` elsewhere; returned as int64."""
+    shape = tuple(shape)
+    if not isinstance(y, torch.Tensor) or tuple(y.shape) != shape:
+        got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+        raise ValueError(f"{name} must be an int64 tensor of shape {shape} with {ignore_index} at unmasked positions, "
+                         f"got {got}")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise ValueError(f"{name} must hold integer token ids (torch.int64), got dtype {y.dtype}; a float label cast "
+                         f"with .long() would be truncated silently: pass the token ids themselves")
+    bad = (y != ignore_index) & ((y < 0) | (y >= num_classes))
+    if bool(bad.any()):
+        raise ValueError(f"{name} contains {int(y[bad][0])}: a target is a token id in 0..{num_classes - 1} (the "
+                         f"logits' last dimension), or {ignore_index} where nothing is predicted")
     return y.long()
 
 

@@ -37,6 +37,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import _validate
+
 
 def _check_images(name: str, x) -> torch.Tensor:
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
@@ -44,7 +46,7 @@ def _check_images(name: str, x) -> torch.Tensor:
                          + (f" of dtype {x.dtype}" if isinstance(x, torch.Tensor) else ""))
     if x.ndim != 4:
         raise ValueError(f"{name} must have shape (B, C, H, W), got {tuple(x.shape)}")
-    return x
+    return _validate.batch(name, x)
 
 
 def batch_norm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -59,6 +61,7 @@ def channel_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     reduced over every dimension except 1 — what batch norm computes."""
     if x.ndim < 2:
         raise ValueError(f"x must have shape (B, C, ...), got {tuple(x.shape)}")
+    _validate.batch("x", x)
     dims = [0] + list(range(2, x.ndim))
     var, mean = torch.var_mean(x, dim=dims, unbiased=False)
     return mean, var
@@ -109,6 +112,9 @@ def total_variation(images: torch.Tensor) -> torch.Tensor:
         Data-free Knowledge Transfer via DeepInversion", CVPR 2020 (arXiv:1912.08795).
     """
     _check_images("images", images)
+    if min(images.shape[-2:]) < 2:
+        raise ValueError(f"images must be at least 2 x 2 pixels (neighbours to compare), got H x W = "
+                         f"{images.shape[-2]} x {images.shape[-1]}: a mean over no neighbour pairs is NaN")
     dx = images[..., :, 1:] - images[..., :, :-1]
     dy = images[..., 1:, :] - images[..., :-1, :]
     return dx.pow(2).mean() + dy.pow(2).mean()
@@ -136,6 +142,5 @@ def synthesis_loss(teacher: nn.Module, images: torch.Tensor, targets: torch.Tens
         Transfer via DeepInversion", CVPR 2020 (arXiv:1912.08795).
     """
     bn, logits = bn_statistics_loss(teacher, images)
-    if targets.shape != logits.shape[:1]:
-        raise ValueError(f"targets must have shape ({logits.shape[0]},) (one class per image), got {tuple(targets.shape)}")
+    targets = _validate.labels(targets, logits.shape[0], logits.shape[1], name="targets")
     return F.cross_entropy(logits, targets) + bn_weight * bn + image_prior(images, tv_weight, l2_weight)

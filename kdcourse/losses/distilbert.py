@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _validate
-from ._sequence import _mask, _tensor
+from ._sequence import _mask, _pair, _tensor
 
 
 def token_soft_ce(student_logits: torch.Tensor, teacher_logits: torch.Tensor, token_mask: torch.Tensor,
@@ -31,13 +31,8 @@ def token_soft_ce(student_logits: torch.Tensor, teacher_logits: torch.Tensor, to
     Source: Sanh, Debut, Chaumond & Wolf, "DistilBERT, a distilled version of BERT: smaller, faster, cheaper and
         lighter", NeurIPS 2019 EMC^2 Workshop (arXiv:1910.01108).
     """
-    _tensor("student_logits", student_logits, 3, "(B, S, V)")
-    _tensor("teacher_logits", teacher_logits, 3, "(B, S, V)")
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher_logits "
-                         f"{tuple(teacher_logits.shape)} must have the same shape (B, S, V)")
+    b, s, _ = _pair("student_logits", student_logits, "teacher_logits", teacher_logits, 3, "(B, S, V)")
     T = _validate.temperature(T)
-    b, s, _ = student_logits.shape
     if not isinstance(token_mask, torch.Tensor) or tuple(token_mask.shape) != (b, s):
         raise ValueError(f"token_mask must have shape (B, S) = ({b}, {s})")
     sel = token_mask.bool()
@@ -54,8 +49,9 @@ def masked_lm_loss(mlm_logits: torch.Tensor, mlm_labels: torch.Tensor) -> torch.
 
     Args:
         mlm_logits: (B, S, V).
-        mlm_labels: (B, S) int64, the original token at masked positions and
-            ``-100`` elsewhere (padding included).
+        mlm_labels: (B, S) int64, the original token (0..V-1) at masked
+            positions and ``-100`` elsewhere (padding included); float labels
+            or other ids are an error.
     Returns:
         mean over the masked tokens (0 when none is masked).
 
@@ -63,13 +59,10 @@ def masked_lm_loss(mlm_logits: torch.Tensor, mlm_labels: torch.Tensor) -> torch.
         Understanding", NAACL 2019 (arXiv:1810.04805).
     """
     _tensor("mlm_logits", mlm_logits, 3, "(B, S, V)")
-    if not isinstance(mlm_labels, torch.Tensor) or mlm_labels.shape != mlm_logits.shape[:2]:
-        raise ValueError(f"mlm_labels must be an int64 tensor of shape {tuple(mlm_logits.shape[:2])} with -100 at "
-                         f"unmasked positions")
+    mlm_labels = _validate.token_labels(mlm_labels, mlm_logits.shape[:2], mlm_logits.shape[-1])
     if not bool((mlm_labels != -100).any()):
         return mlm_logits.sum() * 0.0
-    return F.cross_entropy(mlm_logits.reshape(-1, mlm_logits.shape[-1]), mlm_labels.reshape(-1).long(),
-                           ignore_index=-100)
+    return F.cross_entropy(mlm_logits.reshape(-1, mlm_logits.shape[-1]), mlm_labels.reshape(-1), ignore_index=-100)
 
 
 def hidden_cosine_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
@@ -84,12 +77,8 @@ def hidden_cosine_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tenso
     Source: Sanh, Debut, Chaumond & Wolf, "DistilBERT, a distilled version of BERT: smaller, faster, cheaper and
         lighter", NeurIPS 2019 EMC^2 Workshop (arXiv:1910.01108).
     """
-    _tensor("student_hidden", student_hidden, 3, "(B, S, D)")
-    _tensor("teacher_hidden", teacher_hidden, 3, "(B, S, D)")
-    if student_hidden.shape != teacher_hidden.shape:
-        raise ValueError(f"student_hidden {tuple(student_hidden.shape)} and teacher_hidden "
-                         f"{tuple(teacher_hidden.shape)} must have the same shape; project the student first")
-    b, s, _ = student_hidden.shape
+    b, s, _ = _pair("student_hidden", student_hidden, "teacher_hidden", teacher_hidden, 3, "(B, S, D)",
+                    "; project the student to the teacher's width first")
     m = _mask(attention_mask, b, s, student_hidden)
     cos = F.cosine_similarity(student_hidden, teacher_hidden.to(student_hidden.dtype), dim=-1, eps=1e-8)
     return ((1 - cos) * m).sum() / m.sum()

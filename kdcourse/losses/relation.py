@@ -233,7 +233,10 @@ def similarity_entropy(logits: torch.Tensor, tau: float = 0.5, normalize: bool =
     uniform over the batch, 0 is one-hot. A diagnostic for
     :func:`batch_similarity_kl`."""
     tau = _validate.temperature(tau, name="tau", typical="0.1-1")
-    z = logits.detach().flatten(1)
+    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point() or logits.ndim < 2:
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"logits must be a floating-point torch.Tensor of shape (B, C), got {got}")
+    z = _validate.batch("logits", logits).detach().flatten(1)
     if normalize:
         z = F.normalize(z, dim=1)
     p = F.softmax(z @ z.t() / tau, dim=1)

@@ -115,7 +115,8 @@ def entropy_bits(probs: torch.Tensor) -> torch.Tensor:
     """Shannon entropy in bits along the last dimension, with 0 log 0 = 0.
 
     Args:
-        probs: (..., C) probabilities (rows sum to 1).
+        probs: (..., C) probabilities (rows sum to 1, else an error: logits or
+            scores are not probabilities; all-zero rows count as 0 bits).
     Returns:
         (...) entropies; a uniform distribution over C classes gives log2(C).
     """
@@ -123,5 +124,6 @@ def entropy_bits(probs: torch.Tensor) -> torch.Tensor:
         probs = torch.as_tensor(probs, dtype=torch.float64)
     if (probs < 0).any():
         raise ValueError("probs must be non-negative (did you pass logits? apply softmax first)")
+    _validate.probabilities("probs", probs)
     logp = torch.where(probs > 0, torch.log2(probs.clamp_min(torch.finfo(probs.dtype).tiny)), torch.zeros_like(probs))
     return -(probs * logp).sum(-1)

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _validate
-from ._sequence import _mask, _project, _tensor  # noqa: F401  (shared with losses.distilbert)
+from ._sequence import _mask, _pair, _project, _tensor  # noqa: F401  (shared with losses.distilbert)
 
 
 # --------------------------------------------------------------------------
@@ -100,12 +100,8 @@ def masked_mse(student: torch.Tensor, teacher: torch.Tensor, attention_mask: tor
     Source: Jiao, Yin, Shang, Jiang, Chen, Li, Wang & Liu, "TinyBERT: Distilling BERT for Natural Language
         Understanding", Findings of EMNLP 2020 (arXiv:1909.10351).
     """
-    _tensor("student", student, 3, "(B, S, D)")
-    _tensor("teacher", teacher, 3, "(B, S, D)")
-    if student.shape != teacher.shape:
-        raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} must have the same "
-                         f"shape (B, S, D); project the student to the teacher's width first")
-    b, s, d = student.shape
+    b, s, d = _pair("student", student, "teacher", teacher, 3, "(B, S, D)",
+                    "; project the student to the teacher's width first")
     m = _mask(attention_mask, b, s, student)
     sq = (student - teacher.to(student.dtype)).pow(2).sum(-1)
     return (sq * m).sum() / (m.sum() * d)
@@ -206,13 +202,9 @@ def attention_kl(
     Source: Wang, Wei, Dong, Bao, Yang & Zhou, "MiniLM: Deep Self-Attention Distillation for Task-Agnostic
         Compression of Pre-Trained Transformers", NeurIPS 2020 (arXiv:2002.10957).
     """
-    _tensor("student_attention", student_attention, 4, "(B, H, S, S)")
-    _tensor("teacher_attention", teacher_attention, 4, "(B, H, S, S)")
-    if student_attention.shape != teacher_attention.shape:
-        hint = (" — the numbers of heads differ; give the student the teacher's num_attention_heads"
-                if student_attention.shape[1] != teacher_attention.shape[1] else "")
-        raise ValueError(f"student_attention {tuple(student_attention.shape)} and teacher_attention "
-                         f"{tuple(teacher_attention.shape)} must have the same shape (B, H, S, S){hint}")
+    _pair("student_attention", student_attention, "teacher_attention", teacher_attention, 4, "(B, H, S, S)",
+          lambda s_shape, t_shape: " — the numbers of heads differ; give the student the teacher's "
+                                   "num_attention_heads" if s_shape[1] != t_shape[1] else "")
     _validate.probabilities("student_attention", student_attention, atol=1e-2)
     _validate.probabilities("teacher_attention", teacher_attention, atol=1e-2)
     b, h, s, _ = student_attention.shape
@@ -276,11 +268,7 @@ def prediction_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     Source: Jiao, Yin, Shang, Jiang, Chen, Li, Wang & Liu, "TinyBERT: Distilling BERT for Natural Language
         Understanding", Findings of EMNLP 2020 (arXiv:1909.10351).
     """
-    _tensor("student_logits", student_logits, 2, "(N, C)")
-    _tensor("teacher_logits", teacher_logits, 2, "(N, C)")
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher_logits "
-                         f"{tuple(teacher_logits.shape)} must have the same shape (N, C)")
+    _pair("student_logits", student_logits, "teacher_logits", teacher_logits, 2, "(N, C)")
     T = _validate.temperature(T)
     p_t = F.softmax(teacher_logits.detach() / T, dim=-1)
     return -(p_t * F.log_softmax(student_logits / T, dim=-1)).sum(-1).mean()

@@ -108,6 +108,18 @@ def check_gradients(name: str, fn: Callable, reference: Callable, args: tuple, s
                                   f"(largest difference {float((p.grad - q.grad).abs().max()):.3g})")
 
 
+class _Counting(nn.Module):
+    """A module (a probe's regressor) that counts how often it is called."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner, self.calls = inner, 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.inner(x)
+
+
 def _loss_data(name, out, grads_of: dict, seed: int) -> dict:
     data = {"loss": contract.scalar(out, name)}
     items = list(grads_of.items())

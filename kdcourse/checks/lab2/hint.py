@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from ...losses import feature
 from .. import Case, CheckFailed, contract, diagnose
-from ._common import _loss_data, _quiet, _randn, check_gradients, check_inputs_untouched
+from ._common import _Counting, _loss_data, _quiet, _randn, check_gradients, check_inputs_untouched
 
 
 # --------------------------------------------------------------------------
@@ -17,16 +17,6 @@ from ._common import _loss_data, _quiet, _randn, check_gradients, check_inputs_u
 def _regressor(cs: int, ct: int, kind: str = "conv", seed: int = 0) -> feature.HintRegressor:
     torch.manual_seed(seed)
     return feature.HintRegressor(cs, ct, kind=kind).double()
-
-
-class _Counting(nn.Module):
-    def __init__(self, inner: nn.Module):
-        super().__init__()
-        self.inner, self.calls = inner, 0
-
-    def forward(self, x):
-        self.calls += 1
-        return self.inner(x)
 
 
 def _pool_t(s, t):

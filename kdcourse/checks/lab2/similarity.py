@@ -21,20 +21,13 @@ from ...losses import feature
 from ...recipes.lab2 import pkt_loss as _recipe_pkt
 from .. import contract
 from ..probing import INPLACE, number, probe_check
+from ._common import _Counting, _loss_data
 
 
 def _ex(name: str) -> contract.Exercise:
     from .. import lab2
 
     return next(e for e in lab2.EXERCISES if e.name == name)
-
-
-def _loss_data(name, out, grads_of: dict, seed: int) -> dict:
-    data = {"loss": contract.scalar(out, name)}
-    items = list(grads_of.items())
-    gs = contract.grad(out, [t for _, t in items], seed) if out.requires_grad else "no graph"
-    data["grads"] = gs if isinstance(gs, str) else {k: g for (k, _), g in zip(items, gs)}
-    return data
 
 
 def _guarded(fn, args: dict):
@@ -68,16 +61,6 @@ STATS_VARIANTS = {
     "sum": (lambda s, t, r: F.mse_loss(r(s).mean((2, 3)), t.detach().mean((2, 3)), reduction="sum"),
             "reduction='sum' grows with the batch and the channels: average over (b, c) (F.mse_loss's default)."),
 }
-
-
-class _Counting(nn.Module):
-    def __init__(self, inner: nn.Module):
-        super().__init__()
-        self.inner, self.calls = inner, 0
-
-    def forward(self, x):
-        self.calls += 1
-        return self.inner(x)
 
 
 def probe_stats_loss(fn: Callable, seed: int) -> dict:
