@@ -213,6 +213,13 @@ def attempt(fn: Callable, *args, **kwargs):
     """``(fn(*args, **kwargs), None)``, or ``(None, {"raised": "<type>"})``
     when it raises (for probes that test how a function fails; an untouched
     exercise's ``NotImplementedError`` and a refused reference pass through)."""
+    return attempt_as(lambda exc: {"raised": type(exc).__name__}, fn, *args, **kwargs)
+
+
+def attempt_as(fault: Callable[[Exception], dict], fn: Callable, *args, **kwargs):
+    """:func:`attempt`, the exception recorded as ``fault(exc)`` (a probe
+    that keeps the message, or names an autograd error about an in-place
+    change)."""
     try:
         return fn(*args, **kwargs), None
     except NotImplementedError:
@@ -220,7 +227,7 @@ def attempt(fn: Callable, *args, **kwargs):
     except Exception as exc:
         if is_refusal(exc):
             raise
-        return None, {"raised": type(exc).__name__}
+        return None, fault(exc)
 
 
 def generator(seed: int) -> torch.Generator:

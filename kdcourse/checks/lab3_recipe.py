@@ -29,20 +29,17 @@ def visible_check(ex: contract.Exercise, fn: Callable, seeds=VISIBLE_SEEDS, what
     return probing.probe_check(ex, fn, seeds, what=what, raised_first=True)
 
 
+def _fault(exc: Exception) -> dict:
+    text = str(exc)
+    if isinstance(exc, RuntimeError) and ("in-place" in text or "inplace" in text):
+        return {INPLACE: ["an input that requires grad"]}
+    return {"raised": type(exc).__name__}
+
+
 def attempt(fn: Callable, *args, **kwargs):
     """:func:`contract.attempt`, but an autograd error about an in-place
     change of an input is recorded as such."""
-    try:
-        return fn(*args, **kwargs), None
-    except NotImplementedError:
-        raise
-    except Exception as exc:
-        if contract.is_refusal(exc):
-            raise
-        text = str(exc)
-        if isinstance(exc, RuntimeError) and ("in-place" in text or "inplace" in text):
-            return None, {INPLACE: ["an input that requires grad"]}
-        return None, {"raised": type(exc).__name__}
+    return contract.attempt_as(_fault, fn, *args, **kwargs)
 
 
 def _changed(names, args, before) -> list:
