@@ -60,6 +60,7 @@ def train_run(
     keep_model: bool = False,
     progress: bool = True,
     params: Callable | None = None,
+    val_each_epoch: bool = True,
 ) -> Run:
     """Seed, build a fresh model, fit it, and measure it on ``data.test``.
 
@@ -68,14 +69,16 @@ def train_run(
     function returning a fresh objective (``None``: cross-entropy).
     ``train`` replaces ``data.train`` (e.g. a transfer set missing a class).
     ``params(model, objective)`` lists what the optimiser trains (see
-    :func:`kdcourse.train.fit`).
+    :func:`kdcourse.train.fit`). ``val_each_epoch=False`` measures the
+    validation split only after the last epoch (``Run.val_acc`` is the same).
     """
     runtime.seed_everything(seed)
     model = models.build(build, data.num_classes) if isinstance(build, dict) else build()
     obj = objective() if objective is not None else None
     t0 = time.perf_counter()
     hist = fit(model, train if train is not None else data.train, obj, epochs=epochs, lr=lr, batch_size=batch_size,
-               weight_decay=weight_decay, val=data.val, seed=seed, progress=progress, desc=f"{name} s{seed}",
+               weight_decay=weight_decay, val=data.val, val_each_epoch=val_each_epoch, seed=seed, progress=progress,
+               desc=f"{name} s{seed}",
                **({"params": params} if params is not None else {}))
     seconds = time.perf_counter() - t0
     predict = (lambda m, x: obj.predict(m, x)) if obj is not None else None

@@ -159,6 +159,7 @@ def fit(
     weight_decay: float = 0.0,
     batch_size: int = 128,
     val: Split | None = None,
+    val_each_epoch: bool = True,
     seed: int = 0,
     lr_schedule: str = "cosine",
     progress: bool = True,
@@ -171,7 +172,11 @@ def fit(
     Adam (AdamW when ``weight_decay > 0``) over the model's and the
     objective's trainable parameters, learning rate decayed by a cosine
     (``lr_schedule="cosine"``) or kept constant (``"constant"``).
-    Shuffling uses a generator seeded by ``seed``.
+    Shuffling uses a generator seeded by ``seed``. ``val`` is measured
+    after every epoch, or only after the last one with
+    ``val_each_epoch=False`` (the same numbers: evaluation changes nothing
+    the training sees; a lab that reads only the final accuracy saves the
+    passes).
 
     ``params(model, objective)``, when given, is called after
     ``objective.setup`` and lists *exactly* what the optimiser trains
@@ -257,7 +262,7 @@ def fit(
         row = {"epoch": epoch + 1, **{k: v / seen_n for k, v in sums.items()}}
         row["train_acc"] = correct / seen_n if correct or out.logits is not None else None
         row["seconds"] = time.perf_counter() - t0
-        if val is not None:
+        if val is not None and (val_each_epoch or epoch == epochs - 1):
             row["val_acc"] = evaluate(model, val, predict=lambda m, x: objective.predict(m, x))["acc"]
         history.append(row)
         if hasattr(bar, "set_postfix"):

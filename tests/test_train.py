@@ -303,3 +303,14 @@ def test_feature_losses_see_contiguous_features_under_channels_last(tiny):
         losses[cache] = fit(student, tiny.train, obj, epochs=2, lr=3e-3, batch_size=32, progress=False).series("loss")
         assert all(p.is_contiguous() for p in student.parameters())
     assert losses[True] == pytest.approx(losses[False], rel=1e-3)
+
+
+def test_validation_after_the_last_epoch_only_gives_the_same_run(tiny):
+    kw = dict(build={"arch": "cnn", "widths": (4, 8, 8)}, data=tiny, epochs=3, lr=3e-3, progress=False, keep_model=True)
+    every, last = runs.train_run("every", seed=1, **kw), runs.train_run("last", seed=1, val_each_epoch=False, **kw)
+    assert [r.get("val_acc") is not None for r in every.history] == [True, True, True]
+    assert [r.get("val_acc") is not None for r in last.history] == [False, False, True]
+    assert last.val_acc == every.val_acc == evaluate(last.model, tiny.val)["acc"]
+    assert last.test_acc == every.test_acc and last.history.series("loss") == every.history.series("loss")
+    for (name, p), q in zip(every.model.state_dict().items(), last.model.state_dict().values()):
+        assert torch.equal(p, q), name
