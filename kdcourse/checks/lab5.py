@@ -186,7 +186,7 @@ def _random_tree(g: torch.Generator, depth: int = 0) -> nn.Module:
         elif r == 3:
             parts.append(nn.Conv2d(2, 2, 1))
         else:
-            parts.append([nn.ReLU(), nn.BatchNorm1d(3), nn.Identity()][r - 4 if r < 6 else 0])
+            parts.append([nn.ReLU(), nn.BatchNorm1d(3), nn.Identity()][max(r - 4, 0)])  # r == 0 at depth 2: a ReLU
     return nn.Sequential(*parts)
 
 
