@@ -196,7 +196,7 @@ def run_born_again(build, data: ImageData, *, seeds: Sequence[int], temperatures
                 return done[seed].history
             t0 = time.perf_counter()
             hist = fit(model, data.train, objective, epochs=epochs, lr=lr, batch_size=batch_size,
-                       weight_decay=weight_decay, val=data.val, seed=seed, progress=progress,
+                       weight_decay=weight_decay, val=data.val, val_each_epoch=False, seed=seed, progress=progress,
                        desc=f"generation {len(log) + 1} s{seed}")
             log[id(model)] = (hist, time.perf_counter() - t0)
             return hist
@@ -266,7 +266,7 @@ def run_deep_supervision(build, data: ImageData, *, seeds: Sequence[int], exits=
         run = runs.train_run(f"deep supervision T={T:g} α={alpha:g}", lambda: DeepSupervision(new_model(), exits), data,
                              objective=lambda: ExitDistillation(T=T, alpha=alpha) if loss is None else _exit_loss(loss, T=T, alpha=alpha),
                              epochs=epochs, lr=lr, seed=seed,
-                             batch_size=batch_size, keep_model=True, progress=progress)
+                             batch_size=batch_size, keep_model=True, progress=progress, val_each_epoch=False)
         for k, v in exit_accuracies(run.model, data.test).items():
             acc.setdefault(k, []).append(v)
         all_runs.append(run)
@@ -316,7 +316,8 @@ def run_mutual(build, data: ImageData, *, seeds: Sequence[int], peers: int = 2, 
     for seed in seeds:
         run = runs.train_run(f"DML x{peers}", lambda: nn.ModuleList([new_model() for _ in range(peers)]), data,
                              objective=lambda: MutualLearning(T=T, alpha=alpha, loss=loss), epochs=epochs, lr=lr,
-                             seed=seed, batch_size=batch_size, keep_model=True, progress=progress)
+                             seed=seed, batch_size=batch_size, keep_model=True, progress=progress,
+                             val_each_epoch=False)
         peer_acc.append(peer_accuracies(run.model, data.test))
         ens_acc.append(evaluate(EnsembleTeacher(list(run.model)).eval(), data.test)["acc"])
         all_runs.append(run)

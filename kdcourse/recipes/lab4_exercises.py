@@ -151,8 +151,8 @@ def run_born_again_tuned(build, data: ImageData, *, candidates: Sequence[float],
             entropy = float(-(p * p.clamp_min(1e-12).log2()).sum(1).mean())
         else:
             gen, entropy = 1, None
-        fit(model, data.train, objective, epochs=epochs, lr=lr, batch_size=batch_size, val=data.val,
-            seed=seed + len(trained), progress=progress, desc=f"generation {gen}")
+        fit(model, data.train, objective, epochs=epochs, lr=lr, batch_size=batch_size,
+            seed=seed + len(trained), progress=progress, desc=f"generation {gen}")  # validation: measured below
         trained[id(model)] = gen
         if gen > 1:
             rows.append({"generation": gen, "T": float(objective.T), "entropy_bits": entropy,

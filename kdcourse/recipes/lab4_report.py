@@ -45,7 +45,8 @@ def temperature_sweep(teacher: nn.Module, build, data: ImageData, temperatures: 
         p = F.softmax(train_logits / float(T), dim=1)
         entropy = float(-(p * p.clamp_min(1e-12).log2()).sum(1).mean())
         run = runs.train_run(f"T={T:g}", build, data, objective=lambda T=T: Distill(teacher, T=T, alpha=alpha),
-                             epochs=epochs, lr=lr, seed=seed + 1, batch_size=batch_size, progress=progress)
+                             epochs=epochs, lr=lr, seed=seed + 1, batch_size=batch_size, progress=progress,
+                             val_each_epoch=False)
         rows.append({"T": float(T), "entropy_bits": entropy, "val_acc": run.val_acc, "test_acc": run.test_acc, "run": run})
     return rows
 
