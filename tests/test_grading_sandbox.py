@@ -306,3 +306,31 @@ def test_every_labs_declarations_make_a_grading_copy_and_a_class_answer_refuses(
                                  f"except RuntimeError as e:\n    print(e)"], capture_output=True, text=True,
                                 env={**os.environ, "PYTHONPATH": c.root}, cwd=c.root, timeout=120)
             assert sandbox.REFUSAL_MARK in rc.stdout, rc.stderr[-1000:]
+
+
+def test_lab3_mask_tokens_may_not_delegate_to_the_packages_masking():
+    # the package's MLM objectives mask with review_tokens.mask_tokens; an answer that calls it (under any of its
+    # import paths) or its 80/10/10 step must be refused in the grading kernel like a reference answer
+    from kdcourse.checks import contract
+
+    ex = contract.exercises_for(3)
+    refuse = [f for e in ex for f in e.refused_functions()]
+    code = """
+import torch
+from kdcourse.data import review_tokens, reviews
+import kdcourse.transformers_kd as tk
+ids = torch.randint(5, 50, (4, 12))
+for name, call in (("reviews", lambda: reviews.mask_tokens(ids, 50, torch.Generator())),
+                   ("transformers_kd", lambda: tk.mask_tokens(ids, 50, torch.Generator())),
+                   ("replace_picked", lambda: review_tokens.replace_picked(ids, ids > 20, 50, torch.Generator()))):
+    try:
+        call()
+        print(name, "ran")
+    except RuntimeError as e:
+        print(name, e)
+"""
+    with sandbox.GradingCopy.make(refuse=refuse) as c:
+        rc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": c.root}, cwd=c.root, timeout=120)
+    lines = rc.stdout.splitlines()
+    assert len(lines) == 3 and all(sandbox.REFUSAL_MARK in ln for ln in lines), (rc.stdout, rc.stderr[-1000:])
