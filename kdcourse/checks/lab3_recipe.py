@@ -51,14 +51,14 @@ def _changed(names, args, before) -> list:
 # --------------------------------------------------------------------------
 
 def probe_distilbert_loss(fn: Callable, seed: int) -> dict:
-    """1-3 sequences with padding, 3-7 positions, a 5-12 word vocabulary,
+    """1-3 sequences with padding, 3-7 positions, a 6-12 id vocabulary,
     hidden width 3-6; masked positions only among real tokens (one sequence
     with none on some seeds); T and the three weights drawn per seed. Records
     the loss and its gradients w.r.t. the student's MLM logits and hidden
     states, and any input changed in place."""
     g = contract.generator(seed)
     r = lambda lo, hi: lo + int(torch.randint(0, hi - lo + 1, (1,), generator=g))  # noqa: E731
-    b, s, v, d = r(1, 3), r(3, 7), r(5, 12), r(3, 6)
+    b, s, v, d = r(1, 3), r(3, 7), max(r(5, 12), 6), r(3, 6)  # v > 5: at least one word id after the 5 specials
     mask = torch.zeros(b, s, dtype=torch.int64)
     for i in range(b):
         mask[i, : r(2, s)] = 1
