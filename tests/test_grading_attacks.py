@@ -170,8 +170,18 @@ for _top in ('/work', '/tmp', '/home', '/opt', '/mnt', '/srv'):
 _RAN = _run_notebook([c for c in _c if c.endswith('.ipynb')])
 """),
         "classmate": ("lab", "late", STUBS + EXEC_NOTEBOOK + f"""
-import glob
-_RAN = _run_notebook([{p['alice']}, '../submissions/alice.ipynb'] + glob.glob('/**/alice.ipynb', recursive=True))
+import os, sys
+
+
+def _everywhere(name):  # every folder the kernel can list, less the system's and Python's own trees
+    skip = {'/proc', '/sys', '/dev', '/usr', '/lib', '/lib64', '/bin', '/sbin', '/etc', sys.prefix, sys.base_prefix}
+    for root, dirs, files in os.walk('/'):
+        dirs[:] = [d for d in dirs if os.path.join(root, d) not in skip]
+        if name in files:
+            yield os.path.join(root, name)
+
+
+_RAN = _run_notebook([{p['alice']}, '../submissions/alice.ipynb'] + list(_everywhere('alice.ipynb')))
 """),
         "import_reference": ("lab", "late", delegate),
         # the checks' private copy of a right answer (a known-wrong variant's formula that happens to be right)
@@ -288,7 +298,7 @@ def batch(tmp_path_factory):
     t0 = time.monotonic()
     try:
         rc = cli.main(["grade", str(home / "labs" / f"{LAB}.ipynb"), str(subs), "--out", str(out), "--jobs", "2",
-                       "--timeout", "120", "--random-seeds", "1"])
+                       "--timeout", "30", "--random-seeds", "1"])
     finally:
         tempfile.tempdir = saved
     seconds = time.monotonic() - t0
@@ -329,7 +339,9 @@ def test_forging_in_the_kernel_scores_zero(batch, attack):
 
 @pytest.mark.parametrize("attack", ["read_solution", "classmate"])
 def test_reading_and_running_the_solution_or_a_classmate_scores_zero(batch, attack):
-    assert _total(batch, attack) == "0", batch["rows"][attack]
+    row = batch["rows"][attack]
+    # zero because the files are out of the kernel's sight, not because the search ran out of time
+    assert row["total"] == "0" and row["status"] == "graded", row
 
 
 @pytest.mark.parametrize("attack", ["import_reference", "captured_reference", "reference_source"])

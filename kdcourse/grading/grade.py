@@ -41,7 +41,8 @@ from ..checks import contract
 from . import result as R
 from .session import KernelGone, Session, kill_kernel, plain_launch
 
-STARTUP_GRACE = 120.0  # seconds for the kernel to start (imports) beyond the cells' own limit
+STARTUP_GRACE = 120.0  # seconds for the kernel to start (its own imports) and say "started"
+CELL_GRACE = 15.0  # seconds beyond the cells' own limit, counted from "started", before the kernel is killed
 PROBE_GRACE = 15.0  # seconds beyond a probe's own limit before the kernel is killed
 
 
@@ -305,14 +306,24 @@ def _kernel_pass(job, env, launch, options, pending, results, where, notes, stat
         current = None
         try:
             session.send(job)
-            end = time.monotonic() + options.timeout + STARTUP_GRACE
-            ready = None
+            # The runner says "started" once its own imports are done, before
+            # any student code: the start may take long on a loaded machine,
+            # the cells get their limit and a short grace from that moment (a
+            # kernel that ignores its alarms costs the batch timeout + 15 s).
+            end = time.monotonic() + STARTUP_GRACE
+            started, ready = False, None
             while ready is None:
                 msg = session.read(max(0.0, end - time.monotonic()))
                 if msg is None:
+                    if not started:
+                        raise KernelGone(f"the kernel did not start within {STARTUP_GRACE:g} s")
                     raise KernelGone(f"the notebook's cells ran past the time limit ({options.timeout:g} s) "
                                      f"and the kernel did not stop")
-                if msg.get("event") == "cell" and first:
+                if msg.get("event") == "started" and not started:  # only the first: later ones are the student's
+                    started, end = True, time.monotonic() + options.timeout + CELL_GRACE
+                elif not started:
+                    continue  # nothing before "started" comes from the cells
+                elif msg.get("event") == "cell" and first:
                     i = msg.get("index")
                     if msg.get("status") == "error":
                         cell_errors[i] = (str(msg.get("ename", ""))[:60], str(msg.get("evalue", "")))

@@ -15,7 +15,8 @@ student's ``print``, ``input()`` and subprocesses never see the protocol.
 
    ``preamble`` runs after the cell with index ``preamble_after`` (the
    ``parameters`` cell, as papermill injects) or first when that is ``null``.
-2. runner -> grader: one ``{"event": "cell", "index", "status": "ok" | "error"
+2. runner -> grader: ``{"event": "started"}`` once its own imports are done
+   (the cells' time limit counts from here), then one ``{"event": "cell", "index", "status": "ok" | "error"
    | "timeout", "ename", "evalue", "seconds"}`` per cell run (cells go on
    after an error; after the time limit the rest are skipped), then
    ``{"event": "ready", "refused": [...], "printed": bytes}``.
@@ -176,6 +177,7 @@ def main() -> int:
 
     guard = Guard(shell.user_ns, exercises.values())  # notes the checks' code before any student code runs
 
+    send({"event": "started"})  # the grader counts the cells' time limit from here
     deadline = time.monotonic() + float(job.get("timeout", 300))
     after = job.get("preamble_after")
     preamble = job.get("preamble") or ""
