@@ -15,6 +15,7 @@ the reference on every hidden seed."""
 from __future__ import annotations
 
 import copy
+from concurrent.futures import ThreadPoolExecutor
 import json
 import os
 import subprocess
@@ -117,6 +118,17 @@ class _Graded:
             self.labs[stem] = grade.load_lab(os.path.join(SOLUTIONS, stem + ".ipynb"))
         return self.labs[stem]
 
+    KINDS = ("solution", "lab", "all_planted", "one_planted")
+
+    def prefetch(self, jobs: int = 2) -> None:
+        """Grade every (lab, kind) the module's tests ask for, ``jobs`` at a
+        time, as ``kdcourse grade --jobs`` does (each kernel waits on its own
+        process): the results are the same as one at a time."""
+        for stem in STEMS:
+            self.lab(stem)
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            list(pool.map(lambda key: self.get(*key), [(s, k) for s in STEMS for k in self.KINDS]))
+
     def get(self, stem: str, kind: str) -> R.NotebookResult:
         key = (stem, kind)
         if key not in self.cache:
@@ -144,7 +156,9 @@ class _Graded:
 
 @pytest.fixture(scope="module")
 def graded(tmp_path_factory):
-    return _Graded(tmp_path_factory.mktemp("graded"))
+    g = _Graded(tmp_path_factory.mktemp("graded"))
+    g.prefetch()
+    return g
 
 
 # --------------------------------------------------------------------------
