@@ -26,25 +26,42 @@ def notebook_env(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def executed_solution(tmp_path_factory, notebook_env):
+def notebook_runs(request, tmp_path_factory, notebook_env):
+    """The session's notebook executions (tests/notebook_runs.py): every
+    notebook the selected tests name is executed once, two at a time."""
+    from notebook_runs import NotebookRuns
+
+    wanted = []
+    for item in request.session.items:
+        path = getattr(item, "callspec", None) and item.callspec.params.get("path")
+        for fixture, kind in (("executed_solution", "solution"), ("executed_lab", "lab")):
+            if path and fixture in item.fixturenames and (kind, path) not in wanted:
+                wanted.append((kind, path))
+    runs = NotebookRuns(wanted, notebook_env, tmp_path_factory.mktemp, cache=request.config.cache)
+    yield runs
+    runs.close()
+
+
+def _result(runs, kind: str, path: str):
+    result, error = runs.get(kind, path)
+    if error is not None:
+        what = "did not execute in the smoke profile" if kind == "solution" else "could not be run cell by cell"
+        pytest.fail(f"{os.path.basename(path)} {what}:\n{error[-6000:]}", pytrace=False)
+    return result
+
+
+@pytest.fixture(scope="session")
+def executed_solution(notebook_runs):
     """``executed_solution(path)``: the solution notebook at ``path`` executed
     once per session (papermill, smoke profile), shared by the notebook test
     and the nbval comparison. A failed execution fails every test that asks
     for it, with the error and the outputs up to it."""
-    from kdcourse.tools.notebooks import execute
+    return lambda path: _result(notebook_runs, "solution", path)
 
-    done: dict[str, tuple] = {}
 
-    def run(path: str) -> dict:
-        if path not in done:
-            cwd = tmp_path_factory.mktemp("run-" + os.path.splitext(os.path.basename(path))[0])
-            try:
-                done[path] = (execute(path, profile="smoke", cwd=str(cwd), env=notebook_env, timeout=900), None)
-            except Exception as exc:  # noqa: BLE001 - reported to every test that uses this notebook
-                done[path] = (None, f"{type(exc).__name__}: {exc}")
-        nb, error = done[path]
-        if error is not None:
-            pytest.fail(f"{os.path.basename(path)} did not execute in the smoke profile:\n{error[-6000:]}", pytrace=False)
-        return nb
-
-    return run
+@pytest.fixture(scope="session")
+def executed_lab(notebook_runs):
+    """``executed_lab(path)``: the untouched lab at ``path`` executed once per
+    session, every cell past errors; ``[{"index", "error", "value"}]`` of the
+    cells that raised."""
+    return lambda path: _result(notebook_runs, "lab", path)

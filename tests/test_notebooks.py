@@ -2,14 +2,13 @@
 with NotImplementedError. Each solution is executed once per session
 (``executed_solution`` in conftest.py), and tests/test_nbval.py compares
 that same execution's marked outputs; all notebooks of a session share one
-teacher cache (``notebook_env``)."""
+teacher cache (``notebook_env``) and run two at a time (tests/notebook_runs.py)."""
 import glob
 import os
 
 import pytest
 
 from kdcourse import labgen
-from kdcourse.tools.notebooks import run_all_allow_errors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOLUTIONS = sorted(glob.glob(os.path.join(ROOT, "solutions", "*.ipynb")))
@@ -38,8 +37,8 @@ def test_solution_executes_in_smoke_profile(path, executed_solution):
 
 
 @pytest.mark.parametrize("path", LABS, ids=os.path.basename)
-def test_untouched_lab_fails_only_at_exercises(path, tmp_path, notebook_env):
-    errors = run_all_allow_errors(path, cwd=str(tmp_path), env=notebook_env, timeout=900)
+def test_untouched_lab_fails_only_at_exercises(path, executed_lab):
+    errors = executed_lab(path)
     nb = labgen.read(path)
     exercises = labgen.exercise_cells(labgen.read(path.replace(os.sep + "labs" + os.sep, os.sep + "solutions" + os.sep)))
     assert exercises, "a lab without exercises?"
