@@ -180,14 +180,20 @@ def test_variant_table_against_a_direct_measurement():
                        "test acc (%)": f"{acc:.2f}", "agrees with fp32 (%)": "100.0"}
     assert float(rows[0]["size (MB)"]) > n * 4 / 1e6 * 0.9
     assert rows[1]["p50 (ms)"] == "0.500" and rows[1]["params"] == f"{n:,}"
-    line = tables.int8_change_line([{"model": "a", "test acc (%)": "80.00", "size (MB)": "4.000"},
-                                    {"model": "b", "test acc (%)": "81.00", "size (MB)": "4.000"},
-                                    {"model": "c", "test acc (%)": "79.50", "size (MB)": "1.000"}],
-                                   {"a": lat(3), "b": lat(2), "c": lat(1)}, 200, fp32="a", fp32_runtime="b", int8="c")
+    # the unrounded figures behind the strings
+    assert rows.measured["fp32"]["accuracy %"] == pytest.approx(acc) and rows.measured["fp32"]["MACs"] == 48 * 3
+    assert rows.measured["noisy"]["params"] == n and rows.measured["fp32"]["agreement %"] == 100.0
+    # the line reads unrounded figures: sizes 0.0004 and 0.0001 MB print as "0.000" but are 4x apart
+    measured = {"a": {"accuracy %": 80.0, "size MB": 0.0004}, "b": {"accuracy %": 81.0, "size MB": 0.0004},
+                "c": {"accuracy %": 79.5, "size MB": 0.0001}}
+    table = tables.VariantTable([{"model": k} for k in measured], measured)
+    line = tables.int8_change_line(table, {"a": lat(3), "b": lat(2), "c": lat(1)}, 200, fp32="a", fp32_runtime="b", int8="c")
     assert line == ("INT8 changes the student's test accuracy by -0.50 points on 200 images (one image = 0.50 points); "
                     "p50 in ONNX Runtime 2.000 ms (fp32) -> 1.000 ms (INT8); file 4.0x smaller")
     with pytest.raises(KeyError, match="no row"):
-        tables.int8_change_line([], {}, 10)
+        tables.int8_change_line(tables.VariantTable([], {}), {}, 10)
+    with pytest.raises(TypeError, match="variant_table"):
+        tables.int8_change_line([{"model": "a", "test acc (%)": "80.00", "size (MB)": "4.000"}], {}, 10)
 
 
 def test_target_line_and_network_table():

@@ -231,7 +231,13 @@ def attempt_as(fault: Callable[[Exception], dict], fn: Callable, *args, **kwargs
 
 
 def generator(seed: int) -> torch.Generator:
+    """The probes' random source for ``seed`` (any int the grader draws)."""
     return torch.Generator().manual_seed(int(seed) % (2 ** 63))
+
+
+def draw_int(g: torch.Generator, low: int, high: int) -> int:
+    """One int in ``[low, high)`` from ``g`` (a probe's size or index)."""
+    return int(torch.randint(low, high, (1,), generator=g))
 
 
 def grad(out, inputs, seed: int = 0):

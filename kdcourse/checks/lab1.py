@@ -10,13 +10,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .contract import draw_int, generator as _gen
 from ..losses import response
 from . import Case, CheckFailed, contract, diagnose
 from .lab1_training import inplace_guard, visible_check
-
-
-def _gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def _logits(n, c, scale, seed):
@@ -140,7 +137,7 @@ def probe_soft_targets(fn: Callable, seed: int) -> dict:
     """Logits of shape (C,), (N, C) or (A, B, C), at several temperatures,
     huge logits on every fourth seed; the probabilities and their gradient."""
     g = contract.generator(seed)
-    shape = [(int(torch.randint(2, 9, (1,), generator=g)),), (3, 7), (2, 3, 4), (5, 3)][seed % 4]
+    shape = [(draw_int(g, 2, 9),), (3, 7), (2, 3, 4), (5, 3)][seed % 4]
     scale = 1000.0 if seed % 4 == 3 else 4.0  # exp(z) overflows float64 beyond 709
     logits = (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).requires_grad_(True)
     T = 1.0 if seed % 4 == 3 else [1.0, 2.0, 0.5, 4.0, 8.0, 3.0][seed % 6]
@@ -155,7 +152,7 @@ def probe_kd_loss(fn: Callable, seed: int) -> dict:
     seed); the loss and its gradient w.r.t. the student's logits (the
     teacher's side may or may not be detached: both are right)."""
     g = contract.generator(seed)
-    n, c = int(torch.randint(1, 17, (1,), generator=g)), int(torch.randint(2, 13, (1,), generator=g))
+    n, c = draw_int(g, 1, 17), draw_int(g, 2, 13)
     s = (torch.randn(n, c, generator=g, dtype=torch.float64) * 2).requires_grad_(True)
     t = torch.randn(n, c, generator=g, dtype=torch.float64) * 4
     y = torch.randint(0, c, (n,), generator=g)

@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .contract import draw_int
 from ..losses import mutual
 from ..recipes import lab1 as recipe
 from ..runs import Run
@@ -73,7 +74,7 @@ def probe_ensemble_logits(fn: Callable, seed: int) -> dict:
     """K = 1 … 4 members of logits (N, C), given as a list or one (K, N, C)
     tensor; both modes, T in 1 … 8; huge logits on every fourth seed."""
     g = contract.generator(seed)
-    k, n, c = (int(torch.randint(lo, hi, (1,), generator=g)) for lo, hi in ((1, 5), (1, 7), (2, 9)))
+    k, n, c = (draw_int(g, lo, hi) for lo, hi in ((1, 5), (1, 7), (2, 9)))
     scale = 2000.0 if seed % 4 == 3 else 3.0
     z = (torch.randn(k, n, c, generator=g, dtype=torch.float64) * scale).requires_grad_(True)
     T = [1.0, 2.0, 4.0, 8.0][seed % 4] if seed % 4 != 3 else 1.0
@@ -127,7 +128,7 @@ def probe_pick_on_validation(fn: Callable, seed: int) -> dict:
     """2–6 settings (numbers or strings) with runs.Run values whose
     accuracies are multiples of 1/50 (ties happen); the choice returned."""
     g = contract.generator(seed)
-    k = int(torch.randint(2, 7, (1,), generator=g))
+    k = draw_int(g, 2, 7)
     keys = [[1, 2, 4, 8, 16, 32][:k], [0.0, 0.5, 0.9, 1.0, 0.3, 0.7][:k], [f"width/{2 ** i}" for i in range(k)]][seed % 3]
     val = (torch.randint(40, 50, (k,), generator=g).double() / 50).tolist()
     test = (torch.randint(40, 50, (k,), generator=g).double() / 50).tolist()

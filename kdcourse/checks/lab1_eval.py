@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from .contract import draw_int
 from ..data import Split
 from . import contract
 from .lab1_training import _tiny_net
@@ -97,7 +98,7 @@ def probe_accuracy(fn: Callable, seed: int) -> dict:
     that leaves a smaller last batch. Records the accuracy and how the model
     was run."""
     g = contract.generator(seed)
-    classes, n = int(torch.randint(3, 7, (1,), generator=g)), int(torch.randint(9, 41, (1,), generator=g))
+    classes, n = draw_int(g, 3, 7), draw_int(g, 9, 41)
     bs = [4, 7, 5, 16][seed % 4]
     if n % bs == 0:
         n += 1
@@ -198,7 +199,7 @@ def probe_ece(fn: Callable, seed: int) -> dict:
     scales (some rows exactly one-hot on every other seed), labels right
     about 70 % of the time; n_bins 5, 10 (the default), 15 or 20."""
     g = contract.generator(seed)
-    n, c = int(torch.randint(20, 201, (1,), generator=g)), int(torch.randint(2, 11, (1,), generator=g))
+    n, c = draw_int(g, 20, 201), draw_int(g, 2, 11)
     probs = torch.softmax(torch.randn(n, c, generator=g, dtype=torch.float64) * [1.0, 3.0, 6.0][seed % 3], dim=1)
     if seed % 2 == 0:
         hot = torch.randperm(n, generator=g)[: n // 5]
@@ -255,12 +256,12 @@ def probe_calibration_temperature(fn: Callable, seed: int) -> dict:
     over-confident (scaled by 2–6) or under-confident (by 0.3); a grid of
     temperatures 0.25 … 8 (a list or a 1-D tensor); the T returned."""
     g = contract.generator(seed)
-    n, c = int(torch.randint(60, 301, (1,), generator=g)), int(torch.randint(3, 11, (1,), generator=g))
+    n, c = draw_int(g, 60, 301), draw_int(g, 3, 11)
     true = torch.randn(n, c, generator=g, dtype=torch.float64) * 1.5
     labels = torch.distributions.Categorical(logits=true).sample()
     factor = [4.0, 0.3, 2.0, 6.0][seed % 4]
     logits = true * factor
-    grid = torch.linspace(0.25, 8.0, int(torch.randint(12, 40, (1,), generator=g)), dtype=torch.float64)
+    grid = torch.linspace(0.25, 8.0, draw_int(g, 12, 40), dtype=torch.float64)
     grid = grid.tolist() if seed % 2 else grid
     before = logits.clone()
     out = fn(logits, labels, grid)
@@ -327,13 +328,13 @@ def probe_choose_bias(fn: Callable, seed: int) -> dict:
     by 1–6 (a class the model never saw), a grid of 9–41 biases (a list or a
     1-D tensor); the bias returned."""
     g = contract.generator(seed)
-    n, c = int(torch.randint(40, 161, (1,), generator=g)), int(torch.randint(3, 7, (1,), generator=g))
-    cls = int(torch.randint(0, c, (1,), generator=g))
+    n, c = draw_int(g, 40, 161), draw_int(g, 3, 7)
+    cls = draw_int(g, 0, c)
     true = torch.randn(n, c, generator=g, dtype=torch.float64) * 2
     labels = torch.where(torch.rand(n, generator=g) < 0.8, true.argmax(1), torch.randint(0, c, (n,), generator=g))
     logits = true + 0.5 * torch.randn(n, c, generator=g, dtype=torch.float64)
     logits[:, cls] -= float(torch.rand(1, generator=g)) * 5 + 1
-    k = int(torch.randint(9, 42, (1,), generator=g))
+    k = draw_int(g, 9, 42)
     grid = torch.linspace(0, 10, k, dtype=torch.float64)
     grid = grid.tolist() if seed % 2 else grid
     before = logits.clone()

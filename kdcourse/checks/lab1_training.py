@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .contract import draw_int
 from ..data import Batch
 from . import CheckFailed, contract, probing
 from .probing import INPLACE
@@ -137,11 +138,11 @@ CE_GRAD_VARIANTS = {
 
 def _logits_and_labels(seed: int):
     g = contract.generator(seed)
-    c = int(torch.randint(2, 11, (1,), generator=g))
+    c = draw_int(g, 2, 11)
     if seed % 3 == 0:  # one example: logits (C,), a 0-dim label
         z = torch.randn(c, generator=g, dtype=torch.float64) * 3
         return z, torch.randint(0, c, (), generator=g), f"one example, logits ({c},)"
-    n = int(torch.randint(1, 9, (1,), generator=g))
+    n = draw_int(g, 1, 9)
     z = torch.randn(n, c, generator=g, dtype=torch.float64) * (30.0 if seed % 3 == 2 else 3.0)
     return z, torch.randint(0, c, (n,), generator=g), f"a batch, logits ({n}, {c})"
 
@@ -236,7 +237,7 @@ def probe_distill_step(fn: Callable, seed: int) -> dict:
     gradient reached it, the loss, the logits returned and the gradient
     w.r.t. the student's parameters."""
     g = contract.generator(seed)
-    classes, b = int(torch.randint(3, 7, (1,), generator=g)), int(torch.randint(2, 10, (1,), generator=g))
+    classes, b = draw_int(g, 3, 7), draw_int(g, 2, 10)
     student, teacher = _tiny_net(g, 4, classes), _tiny_net(g, 6, classes)
     student.train()
     teacher.train()

@@ -14,12 +14,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .contract import draw_int, generator as _gen
 from ..losses import transformer as tl
 from . import Case, CheckFailed, contract, diagnose
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 # --------------------------------------------------------------------------
@@ -297,8 +294,8 @@ def probe_layer_map(fn: Callable, seed: int) -> list:
     g = contract.generator(seed)
     out = []
     for _ in range(6):
-        n_s = 1 + int(torch.randint(0, 8, (1,), generator=g))
-        n_t = n_s + int(torch.randint(0, 17, (1,), generator=g)) * (seed % 4 != 3)
+        n_s = 1 + draw_int(g, 0, 8)
+        n_t = n_s + draw_int(g, 0, 17) * (seed % 4 != 3)
         got, raised = contract.attempt(fn, n_s, n_t)
         if raised:
             out.append(raised)
@@ -317,14 +314,14 @@ def probe_hidden_loss(fn: Callable, seed: int) -> dict:
     garbage: the loss and its gradients w.r.t. every student hidden state
     and the projection's weights."""
     g = contract.generator(seed)
-    n_s = 1 + int(torch.randint(0, 4, (1,), generator=g))
-    n_t = n_s + int(torch.randint(0, 5, (1,), generator=g))
-    d_s = 2 + int(torch.randint(0, 6, (1,), generator=g))
-    d_t = d_s if seed % 3 == 1 else 2 + int(torch.randint(0, 9, (1,), generator=g))
-    b, s = 1 + int(torch.randint(0, 3, (1,), generator=g)), 3 + int(torch.randint(0, 5, (1,), generator=g))
+    n_s = 1 + draw_int(g, 0, 4)
+    n_t = n_s + draw_int(g, 0, 5)
+    d_s = 2 + draw_int(g, 0, 6)
+    d_t = d_s if seed % 3 == 1 else 2 + draw_int(g, 0, 9)
+    b, s = 1 + draw_int(g, 0, 3), 3 + draw_int(g, 0, 5)
     mask = torch.zeros(b, s, dtype=torch.int64)
     for i in range(b):
-        mask[i, : 1 + int(torch.randint(0, s, (1,), generator=g))] = 1
+        mask[i, : 1 + draw_int(g, 0, s)] = 1
     if seed % 2:
         layer_map = [(i * n_t) // n_s for i in range(1, n_s + 1)]
     else:
@@ -355,11 +352,11 @@ def probe_attention_loss(fn: Callable, seed: int) -> dict:
     keys), 1-3 sequences of random lengths, 1-4 heads: the loss and its
     gradient w.r.t. the student's attention *scores* (finite at padded keys)."""
     g = contract.generator(seed)
-    b, h = 1 + int(torch.randint(0, 3, (1,), generator=g)), 1 + int(torch.randint(0, 4, (1,), generator=g))
-    n = 2 + int(torch.randint(0, 5, (1,), generator=g))
+    b, h = 1 + draw_int(g, 0, 3), 1 + draw_int(g, 0, 4)
+    n = 2 + draw_int(g, 0, 5)
     mask = torch.zeros(b, n, dtype=torch.int64)
     for i in range(b):
-        mask[i, : 1 + int(torch.randint(0, n, (1,), generator=g))] = 1
+        mask[i, : 1 + draw_int(g, 0, n)] = 1
     keys = ~mask.bool()[:, None, None, :]
     scores = (torch.randn(b, h, n, n, generator=g, dtype=torch.float64) * 2).requires_grad_(True)
     student = scores.masked_fill(keys, float("-inf")).softmax(-1)

@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .contract import draw_int
 from ..losses import transformer as tl
 from . import CheckFailed, contract, probing
 from .probing import INPLACE
@@ -57,7 +58,7 @@ def probe_distilbert_loss(fn: Callable, seed: int) -> dict:
     the loss and its gradients w.r.t. the student's MLM logits and hidden
     states, and any input changed in place."""
     g = contract.generator(seed)
-    r = lambda lo, hi: lo + int(torch.randint(0, hi - lo + 1, (1,), generator=g))  # noqa: E731
+    r = lambda lo, hi: lo + draw_int(g, 0, hi - lo + 1)  # noqa: E731
     b, s, v, d = r(1, 3), r(3, 7), max(r(5, 12), 6), r(3, 6)  # v > 5: at least one word id after the 5 specials
     mask = torch.zeros(b, s, dtype=torch.int64)
     for i in range(b):
@@ -172,8 +173,8 @@ class _Recorder:
         from ..profiles import BertSpec
 
         g = contract.generator(seed)
-        n_s = 1 + int(torch.randint(0, 3, (1,), generator=g))
-        n_t = n_s + int(torch.randint(0, 4, (1,), generator=g))
+        n_s = 1 + draw_int(g, 0, 3)
+        n_t = n_s + draw_int(g, 0, 4)
         torch.manual_seed(seed)
         self.teacher = TextTransformer(bert_config(BertSpec(n_t, 8, 2, 16), 20, 4, 12))
         self.student = TextTransformer(bert_config(BertSpec(n_s, 4 + 4 * (seed % 2), 2, 8), 20, 4, 12))

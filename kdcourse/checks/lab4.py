@@ -11,15 +11,12 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from .contract import generator as _gen
 from .. import models
 from ..data import Split
 from ..losses import mutual
 from ..train import Distill, Objective, fit
 from . import CheckFailed, contract
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 # --------------------------------------------------------------------------

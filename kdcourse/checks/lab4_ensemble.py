@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .contract import draw_int
 from . import CheckFailed, contract
 from .lab4_common import _attempt, _compare_faults, _decide, _digest, _inputs_changed
 
@@ -96,7 +97,7 @@ ENSEMBLE_VARIANTS = {
 def _ensemble_case(seed: int):
     g = contract.generator(seed)
     k = [1, 2, 3, 4, 2, 3][seed % 6]
-    n, c = 2 + int(torch.randint(0, 4, (1,), generator=g)), 3 + int(torch.randint(0, 5, (1,), generator=g))
+    n, c = 2 + draw_int(g, 0, 4), 3 + draw_int(g, 0, 5)
     far = seed % 3 == 2  # members that agree, with the other classes thousands of logits below: exp underflows
     base = torch.randn(n, c, generator=g, dtype=torch.float64) * (3000.0 if far else 0.0)
     scale = 5.0 if far else [2.0, 5.0][seed % 2]
@@ -194,7 +195,7 @@ def probe_mdd(fn: Callable, seed: int = 0) -> dict:
     g = contract.generator(seed)
     out = []
     for i in range(5):
-        n = 2 + int(torch.randint(0, 7, (1,), generator=g))
+        n = 2 + draw_int(g, 0, 7)
         values = (0.7 + 0.03 * torch.randn(n, generator=g, dtype=torch.float64)).tolist()
         t = [2.0, 2.776, 1.0, 4.303, 3.0][(seed + i) % 5]
         given = [list, tuple][(seed + i) % 2](values)
@@ -258,7 +259,7 @@ def probe_paired_t(fn: Callable, seed: int = 0) -> dict:
     g = contract.generator(seed)
     out = []
     for i in range(5):
-        n = 2 + int(torch.randint(0, 7, (1,), generator=g))
+        n = 2 + draw_int(g, 0, 7)
         a = 0.7 + 0.03 * torch.randn(n, generator=g, dtype=torch.float64)
         b = a - 0.01 * (1 + torch.randn(n, generator=g, dtype=torch.float64))
         if i == 3:

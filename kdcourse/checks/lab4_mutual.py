@@ -12,13 +12,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .contract import draw_int, generator as _gen
 from ..losses import mutual
 from . import Case, CheckFailed, _close, contract, diagnose
 from .lab4_common import _attempt, _decide, _digest, _inputs_changed, _kl
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 # --------------------------------------------------------------------------
@@ -141,7 +138,7 @@ def probe_mutual_loss(fn: Callable, seed: int) -> dict:
     logits (a right value with leaking or blocked gradients is wrong)."""
     g = contract.generator(seed)
     k = 2 + seed % 3
-    n, c = 1 + int(torch.randint(0, 8, (1,), generator=g)), 2 + int(torch.randint(0, 9, (1,), generator=g))
+    n, c = 1 + draw_int(g, 0, 8), 2 + draw_int(g, 0, 9)
     peers = [(torch.randn(n, c, generator=g, dtype=torch.float64) * (1.0 + j)).requires_grad_(True) for j in range(k)]
     y = torch.randint(0, c, (n,), generator=g)
     if seed % 4 == 0:

@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from .contract import draw_int
 from . import CheckFailed, contract
 
 # --------------------------------------------------------------------------
@@ -177,8 +178,8 @@ def check_latency_fn(fn: Callable, runs: int = 25, warmup: int = 3) -> bool:
 def _random_tree(g: torch.Generator, depth: int = 0) -> nn.Module:
     """A random nest of Sequentials holding Conv2d, Linear and other layers."""
     parts = []
-    for _ in range(1 + int(torch.randint(0, 4, (1,), generator=g))):
-        r = int(torch.randint(0, 6, (1,), generator=g))
+    for _ in range(1 + draw_int(g, 0, 4)):
+        r = draw_int(g, 0, 6)
         if r == 0 and depth < 2:
             parts.append(_random_tree(g, depth + 1))
         elif r in (1, 2):

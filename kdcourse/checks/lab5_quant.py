@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from .contract import draw_int
 from . import CheckFailed, contract
 from .lab3_recipe import INPLACE, visible_check
 
@@ -135,7 +136,7 @@ def probe_fake_quantize(fn: Callable, seed: int) -> dict:
                                               torch.randint(qmin, qmin + 40, (o,), generator=g), 0),
         "activation, per channel (axis=1)": (act, torch.rand(3, generator=g, dtype=torch.float64) * 0.02 + 0.01,
                                              torch.randint(qmin, qmin + 10, (3,), generator=g), 1 if seed % 2 else -3),
-        "vector, per tensor (numbers)": (vec, 0.03, int(torch.randint(qmin + 60, qmin + 200, (1,), generator=g)), None),
+        "vector, per tensor (numbers)": (vec, 0.03, draw_int(g, qmin + 60, qmin + 200), None),
         "vector, per tensor (0-dim tensors)": (vec, torch.tensor(0.021, dtype=torch.float64),
                                                torch.tensor(qmin + 100), None),
     }

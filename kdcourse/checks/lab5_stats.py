@@ -23,6 +23,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .contract import draw_int
 from . import CheckFailed, contract
 from .lab4_common import _attempt  # the probes' attempt that keeps the message
 
@@ -238,7 +239,7 @@ def probe_observe_range(fn: Callable, seed: int = 0) -> dict:
     k = 2 + seed % 4
     batches = []
     for i in range(k):
-        b = 1 + int(torch.randint(0, 4, (1,), generator=g))
+        b = 1 + draw_int(g, 0, 4)
         x = torch.randn(b, 3, 5, 5, generator=g) * (0.5 + i) + 0.3 * i
         if seed % 2 == 0:
             x = x.clamp_min(0)  # a ReLU output: its minimum is 0

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .contract import generator as _gen
 from .. import models
 from ..datafree import reference_step
 from ..losses import datafree
@@ -36,10 +37,6 @@ from . import CheckFailed, contract
 
 RTOL, ATOL = 1e-6, 1e-9
 HIDDEN_SEEDS = (0, 1, 2, 3, 5, 8)
-
-
-def _gen(seed: int) -> torch.Generator:
-    return contract.generator(seed)
 
 
 def tiny_teacher(seed: int, train_mode: bool = False) -> nn.Module:

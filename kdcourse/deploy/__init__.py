@@ -51,4 +51,4 @@ from .onnx import (OnnxModel, _is_int8_kernel, _load_onnx, _quant_type, _quiet, 
                    qdq_wrapped, quantize_dynamic_onnx, quantize_static_onnx, runtime_op_types, seed_recipe_dynamic,
                    weight_scales_per_channel)
 from .pt2e import compile_frozen, load_exported, pt2e_conv_precision, quantize_pt2e, save_exported, torchao_version  # noqa: F401
-from .tables import bert_table, int8_change_line, memory_table, network_table, target_line, variant_table  # noqa: F401
+from .tables import VariantTable, bert_table, int8_change_line, memory_table, network_table, target_line, variant_table  # noqa: F401

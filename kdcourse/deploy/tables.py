@@ -21,38 +21,56 @@ from . import memory
 from .measure import agreement, count_macs, count_params, predict, size_mb, variant_row
 
 
-def variant_table(variants: Mapping[str, tuple], split, example, latencies: Mapping, tail: Callable) -> list[dict]:
+class VariantTable(list):
+    """:func:`variant_table`'s rows (strings, for :func:`kdcourse.runs.show_table`)
+    with ``measured``: each variant's unrounded figures by name, which the
+    lines written from the table read (a ratio of two rounded sizes is not the
+    ratio of the sizes)."""
+
+    def __init__(self, rows, measured: dict):
+        super().__init__(rows)
+        self.measured = measured
+
+
+def variant_table(variants: Mapping[str, tuple], split, example, latencies: Mapping, tail: Callable) -> VariantTable:
     """``variants`` maps a name to ``(model, what size_mb measures, reference
     model)``: params and MACs of the reference, size, p50, the tail column,
-    test accuracy on ``split`` and agreement with the reference model's predictions."""
+    test accuracy on ``split`` and agreement with the reference model's
+    predictions. Each reference is run and counted once, however many
+    variants share it."""
     refs: dict = {}
-    rows = []
     for name, (model, sized, ref) in variants.items():
         if id(ref) not in refs:
-            refs[id(ref)] = predict(ref, split)
+            refs[id(ref)] = (predict(ref, split), count_params(ref), count_macs(ref, example))
+    rows, measured = [], {}
     for name, (model, sized, ref) in variants.items():
-        row = variant_row(name, model, split, example, size=sized, params=count_params(ref),
-                          reference_logits=refs[id(ref)], latency=latencies[name])
+        ref_logits, n_params, macs = refs[id(ref)]
+        row = variant_row(name, model, split, example, size=sized, params=n_params,
+                          reference_logits=ref_logits, latency=latencies[name])
+        measured[name] = {**row, "MACs": macs}
         tail_name, tail_ms = tail(latencies[name])
-        rows.append({"model": name, "params": f"{row['params']:,}", "MMAC/image": f"{count_macs(ref, example) / 1e6:.2f}",
+        rows.append({"model": name, "params": f"{row['params']:,}", "MMAC/image": f"{macs / 1e6:.2f}",
                      "size (MB)": f"{row['size MB']:.3f}", "p50 (ms)": f"{row['p50 ms']:.3f}", tail_name: f"{tail_ms:.3f}",
                      "test acc (%)": f"{row['accuracy %']:.2f}", "agrees with fp32 (%)": f"{row['agreement %']:.1f}"})
-    return rows
+    return VariantTable(rows, measured)
 
 
-def int8_change_line(table: list[dict], latencies: Mapping, n_test: int, fp32: str = "student fp32 (PyTorch)",
+def int8_change_line(table: VariantTable, latencies: Mapping, n_test: int, fp32: str = "student fp32 (PyTorch)",
                      fp32_runtime: str = "student fp32 (ONNX Runtime)", int8: str = "student INT8 (ONNX Runtime)") -> str:
-    """What INT8 changed, read from a :func:`variant_table`: accuracy (in
-    points, against one image's worth), p50 in the runtime, file size."""
-    by_name = {r["model"]: r for r in table}
+    """What INT8 changed, from a :func:`variant_table`'s unrounded figures:
+    accuracy (in points, against one image's worth), p50 in the runtime,
+    file size."""
+    if not isinstance(table, VariantTable):
+        raise TypeError(f"int8_change_line: table must be what deploy.variant_table returned, got {type(table).__name__}")
+    by_name = table.measured
     for name in (fp32, fp32_runtime, int8):
         if name not in by_name or name not in latencies:
             raise KeyError(f"int8_change_line: no row and latency named {name!r}; rows: {', '.join(by_name)}")
-    drop = float(by_name[fp32]["test acc (%)"]) - float(by_name[int8]["test acc (%)"])
+    drop = by_name[fp32]["accuracy %"] - by_name[int8]["accuracy %"]
     return (f"INT8 changes the student's test accuracy by {-drop:+.2f} points on {n_test} images "
             f"(one image = {100 / n_test:.2f} points); p50 in ONNX Runtime "
             f"{latencies[fp32_runtime].p50_ms:.3f} ms (fp32) -> {latencies[int8].p50_ms:.3f} ms (INT8); "
-            f"file {float(by_name[fp32_runtime]['size (MB)']) / float(by_name[int8]['size (MB)']):.1f}x smaller")
+            f"file {by_name[fp32_runtime]['size MB'] / by_name[int8]['size MB']:.1f}x smaller")
 
 
 def target_line(name: str, latency, tail: Callable, target_ms: float) -> str:

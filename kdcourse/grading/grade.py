@@ -306,19 +306,14 @@ def _kernel_pass(job, env, launch, options, pending, results, where, notes, stat
         current = None
         try:
             session.send(job)
-            # The runner says "started" once its own imports are done, before
-            # any student code: the start may take long on a loaded machine,
-            # the cells get their limit and a short grace from that moment (a
-            # kernel that ignores its alarms costs the batch timeout + 15 s).
+            # the cells' limit (+ CELL_GRACE for a kernel ignoring its alarms) counts from "started"
             end = time.monotonic() + STARTUP_GRACE
             started, ready = False, None
             while ready is None:
                 msg = session.read(max(0.0, end - time.monotonic()))
                 if msg is None:
-                    if not started:
-                        raise KernelGone(f"the kernel did not start within {STARTUP_GRACE:g} s")
-                    raise KernelGone(f"the notebook's cells ran past the time limit ({options.timeout:g} s) "
-                                     f"and the kernel did not stop")
+                    raise KernelGone(f"the notebook's cells ran past the time limit ({options.timeout:g} s) and the "
+                                     f"kernel did not stop" if started else f"the kernel did not start in {STARTUP_GRACE:g} s")
                 if msg.get("event") == "started" and not started:  # only the first: later ones are the student's
                     started, end = True, time.monotonic() + options.timeout + CELL_GRACE
                 elif not started:

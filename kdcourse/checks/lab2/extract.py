@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Callable
 import torch
 import torch.nn as nn
+from ..contract import draw_int
 from ... import features as fx
 from ...models import ResNet, SmallCNN
 from .. import CheckFailed, contract
@@ -175,7 +176,7 @@ def probe_extract_features(fn: Callable, seed: int) -> dict:
     model = (ResNet(8, 4) if seed % 2 else SmallCNN((4, 8, 16))).double().eval()
     kind = type(model).__name__
     pool = ["layer1", "layer2", "layer3"] + _NESTED.get(kind, [])
-    k = 1 + int(torch.randint(0, len(pool), (1,), generator=g))
+    k = 1 + draw_int(g, 0, len(pool))
     names = [pool[i] for i in torch.randperm(len(pool), generator=g)[:k].tolist()]
     x = torch.randn(1 + seed % 3, 3, 16, 16, generator=g, dtype=torch.float64).requires_grad_(True)
     out, raised = contract.attempt(fn, model, x, names)

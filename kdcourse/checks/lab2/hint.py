@@ -5,6 +5,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from ..contract import draw_int
 from ...losses import feature
 from .. import Case, CheckFailed, contract, diagnose
 from ._common import _Counting, _loss_data, _quiet, _randn, check_gradients, check_inputs_untouched
@@ -121,9 +122,9 @@ def probe_hint_loss(fn: Callable, seed: int) -> dict:
     teacher's features (which must be zero: the teacher is detached)."""
     g = contract.generator(seed)
     case = seed % 5
-    b = 1 + int(torch.randint(0, 4, (1,), generator=g))
-    cs = 2 + int(torch.randint(0, 6, (1,), generator=g))
-    ct = cs if case == 2 else cs + 1 + int(torch.randint(0, 8, (1,), generator=g))
+    b = 1 + draw_int(g, 0, 4)
+    cs = 2 + draw_int(g, 0, 6)
+    ct = cs if case == 2 else cs + 1 + draw_int(g, 0, 8)
     h = [4, 4, 3, 0, 8][case]
     if case == 3:
         s_shape, t_shape, kind = (b, cs), (b, ct), "linear"

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..contract import draw_int
 from ...losses import feature
 from ...recipes.lab2 import pkt_loss as _recipe_pkt
 from .. import contract
@@ -70,8 +71,8 @@ def probe_stats_loss(fn: Callable, seed: int) -> dict:
     its gradients w.r.t. the student's features, the regressor's weights and
     the teacher's features (zero: the teacher is detached)."""
     g = contract.generator(seed)
-    b, cs = 1 + int(torch.randint(0, 4, (1,), generator=g)), 2 + int(torch.randint(0, 6, (1,), generator=g))
-    ct = cs if seed % 4 == 3 else cs + 1 + int(torch.randint(0, 8, (1,), generator=g))
+    b, cs = 1 + draw_int(g, 0, 4), 2 + draw_int(g, 0, 6)
+    ct = cs if seed % 4 == 3 else cs + 1 + draw_int(g, 0, 8)
     (hs, ws), (ht, wt) = [((8, 8), (4, 4)), ((4, 4), (8, 8)), ((6, 4), (3, 2)), ((5, 5), (5, 5))][seed % 4]
     s = torch.randn(b, cs, hs, ws, generator=g, dtype=torch.float64).clamp_min(0).requires_grad_(True)
     t = (torch.randn(b, ct, ht, wt, generator=g, dtype=torch.float64) * 2 + 0.5).requires_grad_(True)
@@ -141,7 +142,7 @@ def probe_pkt(fn: Callable, seed: int) -> dict:
     B from 2 to 12; the loss and its gradients."""
     g = contract.generator(seed)
     b = [8, 2, 12, 5, 6][seed % 5]
-    ds, dt = 2 + int(torch.randint(0, 10, (1,), generator=g)), 2 + int(torch.randint(0, 20, (1,), generator=g))
+    ds, dt = 2 + draw_int(g, 0, 10), 2 + draw_int(g, 0, 20)
     s = torch.randn(b, ds, generator=g, dtype=torch.float64) * [1.0, 10.0, 0.1, 1.0, 3.0][seed % 5]
     t = torch.randn(b, dt, generator=g, dtype=torch.float64) * 2
     if seed % 5 == 3:
@@ -202,7 +203,7 @@ def probe_cka(fn: Callable, seed: int) -> dict:
     widths (D > N on some seeds), a second side that is a rotated, scaled and
     shifted copy of the first plus noise on some seeds; the value."""
     g = contract.generator(seed)
-    n = int(torch.randint(6, 41, (1,), generator=g))
+    n = draw_int(g, 6, 41)
     dx, dy = [(5, 9), (60, 3), (4, 4), (12, 50)][seed % 4]
     X = torch.randn(n, dx, generator=g, dtype=torch.float64) + 3.0
     if seed % 3 == 0:

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Callable
 import torch
 import torch.nn.functional as F
+from ..contract import draw_int
 from ...losses import relation
 from .. import Case, contract, diagnose
 from ._common import _loss_data, _pair_probe, _r, _randn, check_gradients, check_inputs_untouched
@@ -147,8 +148,8 @@ def probe_info_nce(fn: Callable, seed: int) -> dict:
     temperatures 0.05-0.5, positives near their anchors on odd seeds): the
     loss and its gradients w.r.t. both inputs."""
     g = contract.generator(seed)
-    b = 2 + int(torch.randint(0, 15, (1,), generator=g))
-    d = 2 + int(torch.randint(0, 15, (1,), generator=g))
+    b = 2 + draw_int(g, 0, 15)
+    d = 2 + draw_int(g, 0, 15)
     tau = [0.1, 0.07, 0.5, 0.2, 0.05][seed % 5]
     s = torch.randn(b, d, generator=g, dtype=torch.float64) * (0.2 + 3 * torch.rand(1, generator=g, dtype=torch.float64))
     t = s.detach() + 0.3 * torch.randn(b, d, generator=g, dtype=torch.float64) if seed % 2 else \
