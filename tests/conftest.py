@@ -37,7 +37,7 @@ def notebook_runs(request, tmp_path_factory, notebook_env):
         for fixture, kind in (("executed_solution", "solution"), ("executed_lab", "lab")):
             if path and fixture in item.fixturenames and (kind, path) not in wanted:
                 wanted.append((kind, path))
-    runs = NotebookRuns(wanted, notebook_env, tmp_path_factory.mktemp, cache=request.config.cache)
+    runs = NotebookRuns(wanted, notebook_env, tmp_path_factory.mktemp)
     yield runs
     runs.close()
 

@@ -12,26 +12,21 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import time
 from concurrent.futures import ProcessPoolExecutor
 
 JOBS = max(1, int(os.environ.get("KDCOURSE_NOTEBOOK_JOBS", "2")))
-CACHE_KEY = "kdcourse/notebook-seconds"
 
 
 def run(kind: str, path: str, cwd: str, env: dict, timeout: int) -> tuple:
-    """``(result, None, seconds)`` or ``(None, error text, seconds)``, in a worker process."""
+    """``(result, None)`` or ``(None, error text)``, in a worker process."""
     from kdcourse.tools.notebooks import execute, run_all_allow_errors
 
-    t0 = time.monotonic()
     try:
         if kind == "solution":
-            result = execute(path, profile="smoke", cwd=cwd, env=env, timeout=timeout)
-        else:
-            result = run_all_allow_errors(path, cwd=cwd, env=env, timeout=timeout)
-        return result, None, time.monotonic() - t0
+            return execute(path, profile="smoke", cwd=cwd, env=env, timeout=timeout), None
+        return run_all_allow_errors(path, cwd=cwd, env=env, timeout=timeout), None
     except Exception as exc:  # noqa: BLE001 - reported to every test that uses this notebook
-        return None, f"{type(exc).__name__}: {exc}", time.monotonic() - t0
+        return None, f"{type(exc).__name__}: {exc}"
 
 
 class NotebookRuns:
@@ -39,17 +34,13 @@ class NotebookRuns:
     ``path`` (``kind`` "solution" or "lab"), started for every selected
     notebook when the first is asked for."""
 
-    def __init__(self, wanted: list, env: dict, mktemp, timeout: int = 900, cache=None):
+    def __init__(self, wanted: list, env: dict, mktemp, timeout: int = 900):
         # two kernels of two threads each on two cores spend their time
         # contending (3.5x the CPU time, twice the wall time, measured): with
         # two at a time, each kernel's torch gets one thread
         one = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"} if JOBS > 1 else {}
         self.wanted, self.env, self.mktemp, self.timeout = wanted, {**env, **one}, mktemp, timeout
-        self.pool, self.futures, self.cache = None, {}, cache
-        # the longest first, by the seconds the previous session measured
-        # (pytest's cache; none on a clean clone: then in name order)
-        self.last = (cache.get(CACHE_KEY, {}) if cache is not None else {}) or {}
-        self.seconds = {}
+        self.pool, self.futures = None, {}
 
     def _submit(self, key) -> None:
         kind, path = key
@@ -60,21 +51,12 @@ class NotebookRuns:
         if self.pool is None:
             self.pool = ProcessPoolExecutor(max_workers=JOBS, mp_context=multiprocessing.get_context("spawn"),
                                             max_tasks_per_child=1)
-            order = sorted(self.wanted, key=lambda k: (k[0] != "solution", -self.last.get(self._name(*k), 0), k[1]))
-            for key in order:
+            for key in sorted(self.wanted, key=lambda k: (k[0] != "solution", k[1])):
                 self._submit(key)
         if (kind, path) not in self.futures:
             self._submit((kind, path))
-        result, error, seconds = self.futures[(kind, path)].result()
-        self.seconds[self._name(kind, path)] = round(seconds, 1)
-        return result, error
-
-    @staticmethod
-    def _name(kind: str, path: str) -> str:
-        return f"{kind}:{os.path.basename(path)}"
+        return self.futures[(kind, path)].result()
 
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
-        if self.cache is not None and self.seconds:
-            self.cache.set(CACHE_KEY, {**self.last, **self.seconds})

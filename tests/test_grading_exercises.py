@@ -111,7 +111,7 @@ class _Graded:
     """Kernel runs shared by the module: each notebook graded once."""
 
     def __init__(self, tmp):
-        self.tmp, self.cache, self.labs = tmp, {}, {}
+        self.tmp, self.cache, self.labs, self.launchers = tmp, {}, {}, {}
 
     def lab(self, stem):
         if stem not in self.labs:
@@ -120,14 +120,25 @@ class _Graded:
 
     KINDS = ("solution", "lab", "all_planted", "one_planted")
 
-    def prefetch(self, jobs: int = 2) -> None:
-        """Grade every (lab, kind) the module's tests ask for, ``jobs`` at a
-        time, as ``kdcourse grade --jobs`` does (each kernel waits on its own
+    def launcher(self, stem):
+        """The lab's launcher and grading copy, one per lab as in a batch
+        (``kdcourse grade`` shares one copy among its ``--jobs``)."""
+        if stem not in self.launchers:
+            self.launchers[stem] = release.launcher_for(self.lab(stem), OPTIONS)
+        return self.launchers[stem]
+
+    def prefetch(self, stems, jobs: int = 2) -> None:
+        """Grade every kind of notebook of ``stems``, ``jobs`` at a time, as
+        ``kdcourse grade --jobs`` does (each kernel waits on its own
         process): the results are the same as one at a time."""
-        for stem in STEMS:
-            self.lab(stem)
+        for stem in stems:
+            self.launcher(stem)
         with ThreadPoolExecutor(max_workers=jobs) as pool:
-            list(pool.map(lambda key: self.get(*key), [(s, k) for s in STEMS for k in self.KINDS]))
+            list(pool.map(lambda key: self.get(*key), [(s, k) for s in stems for k in self.KINDS]))
+
+    def close(self) -> None:
+        for _launch, _label, copy_ in self.launchers.values():
+            copy_.remove()
 
     def get(self, stem: str, kind: str) -> R.NotebookResult:
         key = (stem, kind)
@@ -141,12 +152,9 @@ class _Graded:
                 path = _write(planted(stem, [e.name for e in lab.exercises], trim=True), self.tmp / f"{stem}-all.ipynb")
             else:
                 path = _write(planted(stem, [self.single(stem)]), self.tmp / f"{stem}-one.ipynb")
-            launch, label, copy_ = release.launcher_for(lab, OPTIONS)
-            try:
-                self.cache[key] = grade.grade_notebook(lab, path, student=f"{stem}-{kind}", options=OPTIONS,
-                                                       launch=launch, sandbox=label)
-            finally:
-                copy_.remove()
+            launch, label, _copy = self.launcher(stem)
+            self.cache[key] = grade.grade_notebook(lab, path, student=f"{stem}-{kind}", options=OPTIONS,
+                                                   launch=launch, sandbox=label)
         return self.cache[key]
 
     def single(self, stem: str) -> str:
@@ -155,10 +163,13 @@ class _Graded:
 
 
 @pytest.fixture(scope="module")
-def graded(tmp_path_factory):
+def graded(request, tmp_path_factory):
     g = _Graded(tmp_path_factory.mktemp("graded"))
-    g.prefetch()
-    return g
+    users = [i for i in request.session.items if "graded" in getattr(i, "fixturenames", ())]
+    stems = {getattr(i, "callspec", None) and i.callspec.params.get("stem") for i in users}
+    g.prefetch(STEMS if None in stems else [s for s in STEMS if s in stems])  # the selected tests' labs
+    yield g
+    g.close()
 
 
 # --------------------------------------------------------------------------

@@ -10,14 +10,14 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .contract import draw_int, generator as _gen
+from .contract import draw_int
 from ..losses import response
 from . import Case, CheckFailed, contract, diagnose
 from .lab1_training import inplace_guard, visible_check
 
 
 def _logits(n, c, scale, seed):
-    return torch.randn(n, c, generator=_gen(seed), dtype=torch.float64) * scale
+    return torch.randn(n, c, generator=contract.generator(seed), dtype=torch.float64) * scale
 
 
 # --------------------------------------------------------------------------
@@ -106,7 +106,7 @@ def check_kd_loss(fn: Callable) -> bool:
     cases = []
     for seed, (n, c, T, alpha) in enumerate([(8, 10, 4.0, 0.9), (5, 3, 2.0, 0.5), (16, 10, 8.0, 0.7), (3, 7, 1.0, 0.3)]):
         s, t = _logits(n, c, 2.0, 10 + seed), _logits(n, c, 4.0, 20 + seed)
-        y = torch.randint(0, c, (n,), generator=_gen(30 + seed))
+        y = torch.randint(0, c, (n,), generator=contract.generator(30 + seed))
         cases.append(Case((s, t, y), {"T": T, "alpha": alpha}, f"N={n}, C={c}, T={T}, alpha={alpha}"))
     with contextlib.redirect_stdout(io.StringIO()) as passed:
         ok = diagnose("kd_loss", fn, response.kd_loss, cases, KD_LOSS_VARIANTS)

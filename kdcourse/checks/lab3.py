@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .contract import draw_int, generator as _gen
+from .contract import draw_int
 from ..losses import transformer as tl
 from . import Case, CheckFailed, contract, diagnose
 
@@ -73,7 +73,7 @@ def check_layer_map(fn: Callable) -> bool:
 # --------------------------------------------------------------------------
 
 def _states(n, b, s, d, seed):
-    g = _gen(seed)
+    g = contract.generator(seed)
     return tuple(torch.randn(b, s, d, generator=g, dtype=torch.float64) for _ in range(n))
 
 
@@ -157,7 +157,7 @@ def _hidden_cases():
         s_hs, t_hs = _states(n_s + 1, 3, 6, d_s, 100 + k), _states(n_t + 1, 3, 6, d_t, 200 + k)
         # padded positions hold large garbage, as nothing constrains them
         for h in s_hs + t_hs:
-            h[~mask.bool()] = 5.0 * torch.randn(int((~mask.bool()).sum()), h.shape[-1], generator=_gen(k),
+            h[~mask.bool()] = 5.0 * torch.randn(int((~mask.bool()).sum()), h.shape[-1], generator=contract.generator(k),
                                                 dtype=torch.float64)
         layer_map = tl.uniform_layer_map(n_s, n_t)
         cases.append(Case((s_hs, t_hs, layer_map, _proj(d_s, d_t, 300 + k), mask), {},
@@ -200,7 +200,7 @@ def check_hidden_loss(fn: Callable) -> bool:
 def _probs(b, h, s, mask, seed, scale=2.0):
     """HF-like attention probabilities: padded keys exactly 0, padded query
     rows still distributions over the real keys."""
-    scores = torch.randn(b, h, s, s, generator=_gen(seed), dtype=torch.float64) * scale
+    scores = torch.randn(b, h, s, s, generator=contract.generator(seed), dtype=torch.float64) * scale
     return scores.masked_fill(~mask.bool()[:, None, None, :], float("-inf")).softmax(-1)
 
 
@@ -271,7 +271,7 @@ def check_attention_loss(fn: Callable) -> bool:
     ok = diagnose("attention_loss", fn, tl.attention_kl, cases, ATTENTION_VARIANTS)
     # gradients through a softmax with masked (-inf) keys, as in a real student
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
-    scores = torch.randn(2, 2, 4, 4, generator=_gen(600), dtype=torch.float64, requires_grad=True)
+    scores = torch.randn(2, 2, 4, 4, generator=contract.generator(600), dtype=torch.float64, requires_grad=True)
     s = scores.masked_fill(~mask.bool()[:, None, None, :], float("-inf")).softmax(-1)
     out = fn(s, _probs(2, 2, 4, mask, 601), mask)
     if out.ndim != 0:

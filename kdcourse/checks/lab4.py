@@ -11,7 +11,6 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from .contract import generator as _gen
 from .. import models
 from ..data import Split
 from ..losses import mutual
@@ -28,7 +27,7 @@ class _Recorder:
     every call recorded."""
 
     def __init__(self):
-        g = _gen(7)
+        g = contract.generator(7)
         self.split = Split(torch.randn(24, 3, 4, 4, generator=g), torch.randint(0, 3, (24,), generator=g), ("a", "b", "c"))
         self.made: list[nn.Module] = []
         self.calls: list[dict] = []

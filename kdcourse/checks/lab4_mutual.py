@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .contract import draw_int, generator as _gen
+from .contract import draw_int
 from ..losses import mutual
 from . import Case, CheckFailed, _close, contract, diagnose
 from .lab4_common import _attempt, _decide, _digest, _inputs_changed, _kl
@@ -88,7 +88,7 @@ def _mutual_cases() -> list[Case]:
     cases = []
     for i, (k, n, c, T, alpha) in enumerate([(2, 6, 5, 1.0, 0.5), (3, 5, 4, 2.0, 0.7), (4, 4, 6, 3.0, 0.3),
                                              (3, 8, 10, 1.0, 0.9)]):
-        g = _gen(100 + i)
+        g = contract.generator(100 + i)
         peers = [torch.randn(n, c, generator=g, dtype=torch.float64) * (1.0 + j) for j in range(k)]
         y = torch.randint(0, c, (n,), generator=g)
         cases.append(Case((peers, y), {"T": T, "alpha": alpha}, f"K={k} peers, N={n}, C={c}, T={T}, alpha={alpha}"))

@@ -28,7 +28,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .contract import generator as _gen
 from .. import models
 from ..datafree import reference_step
 from ..losses import datafree
@@ -43,7 +42,7 @@ def tiny_teacher(seed: int, train_mode: bool = False) -> nn.Module:
     """A float64 ResNet-8 of width 4 (5 classes) with seeded weights, made-up
     running statistics and BN affine parameters (so that the statistics before
     and after each BN differ)."""
-    g = _gen(1000 + seed)
+    g = contract.generator(1000 + seed)
     net = models.build({"arch": "resnet", "depth": 8, "width": 4, "stem_stride": 2}, 5).double()
     with torch.no_grad():
         for p in net.parameters():
@@ -60,7 +59,7 @@ def tiny_teacher(seed: int, train_mode: bool = False) -> nn.Module:
 
 
 def _images(seed: int, shape) -> torch.Tensor:
-    return torch.randn(*shape, generator=_gen(seed), dtype=torch.float64)
+    return torch.randn(*shape, generator=contract.generator(seed), dtype=torch.float64)
 
 
 def _buffers(model: nn.Module) -> list:
@@ -294,7 +293,7 @@ def probe_synthesis_step(fn: Callable, seed: int = 0) -> dict:
     before = _buffers(teacher)
     weights_before = [p.detach().clone() for p in teacher.parameters()]
     images = _images(seed + 7, (4, 3, 8, 8)).requires_grad_(True)
-    targets = torch.randint(0, 5, (4,), generator=_gen(seed + 9))
+    targets = torch.randint(0, 5, (4,), generator=contract.generator(seed + 9))
     opt = torch.optim.SGD([images], lr=0.5)
     weights = dict(bn_weight=[0.1, 0.5, 0.02][seed % 3], tv_weight=[1.0, 0.3, 2.0][seed % 3],
                    l2_weight=[0.01, 0.1, 0.0][seed % 3])

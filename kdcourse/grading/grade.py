@@ -306,19 +306,15 @@ def _kernel_pass(job, env, launch, options, pending, results, where, notes, stat
         current = None
         try:
             session.send(job)
-            # the cells' limit (+ CELL_GRACE for a kernel ignoring its alarms) counts from "started"
-            end = time.monotonic() + STARTUP_GRACE
-            started, ready = False, None
+            session.wait_started(STARTUP_GRACE)  # the cells' limit counts from here
+            end = time.monotonic() + options.timeout + CELL_GRACE
+            ready = None
             while ready is None:
                 msg = session.read(max(0.0, end - time.monotonic()))
                 if msg is None:
-                    raise KernelGone(f"the notebook's cells ran past the time limit ({options.timeout:g} s) and the "
-                                     f"kernel did not stop" if started else f"the kernel did not start in {STARTUP_GRACE:g} s")
-                if msg.get("event") == "started" and not started:  # only the first: later ones are the student's
-                    started, end = True, time.monotonic() + options.timeout + CELL_GRACE
-                elif not started:
-                    continue  # nothing before "started" comes from the cells
-                elif msg.get("event") == "cell" and first:
+                    raise KernelGone(f"the notebook's cells ran past the time limit ({options.timeout:g} s) "
+                                     f"and the kernel did not stop")
+                if msg.get("event") == "cell" and first:
                     i = msg.get("index")
                     if msg.get("status") == "error":
                         cell_errors[i] = (str(msg.get("ename", ""))[:60], str(msg.get("evalue", "")))

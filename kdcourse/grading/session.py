@@ -59,6 +59,16 @@ class Session:
             raise KernelGone("the kernel sent something that is not a JSON message")
         return msg
 
+    def wait_started(self, timeout: float) -> None:
+        """Wait for the runner's first message, ``{"event": "started"}``
+        (sent after its own imports, before any student code):
+        :class:`KernelGone` when it does not come within ``timeout``."""
+        msg = self.read(timeout)
+        if msg is None:
+            raise KernelGone(f"the kernel did not start in {timeout:g} s")
+        if msg.get("event") != "started":
+            raise KernelGone("the kernel's first message was not 'started'")
+
     def close(self, kill) -> None:
         try:
             self._sel.close()

@@ -17,7 +17,7 @@ from ... import features as fx
 from ...losses import feature, relation
 from .. import contract
 from ._common import (  # noqa: F401
-    _clone_args, _gen, _loss_data, _pair_probe, _quiet, _r, _randn, check_gradients, check_inputs_untouched,
+    _clone_args, _loss_data, _pair_probe, _quiet, _r, _randn, check_gradients, check_inputs_untouched,
 )
 from .angle import (  # noqa: F401
     ANGLE_GRADIENT_VARIANTS, ANGLE_VARIANTS, _ANGLE_CASES, _NORMALIZE_HINT, _SAFE, _angle_variant, _angles_with,

@@ -8,10 +8,12 @@ import io
 from typing import Callable, Sequence
 import torch
 import torch.nn as nn
-from ..contract import generator as _gen
+
 from .. import CheckFailed, contract
+
+
 def _randn(*shape, seed: int, relu: bool = False) -> torch.Tensor:
-    x = torch.randn(*shape, generator=_gen(seed), dtype=torch.float64)
+    x = torch.randn(*shape, generator=contract.generator(seed), dtype=torch.float64)
     return x.clamp_min(0) if relu else x
 
 

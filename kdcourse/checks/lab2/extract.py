@@ -8,7 +8,6 @@ from ..contract import draw_int
 from ... import features as fx
 from ...models import ResNet, SmallCNN
 from .. import CheckFailed, contract
-from ._common import _gen
 
 
 # --------------------------------------------------------------------------
@@ -33,7 +32,7 @@ def check_feature_extractor(fn: Callable) -> bool:
     module called name})`` using forward hooks, and leave no hook behind."""
     torch.manual_seed(0)
     models_ = [("SmallCNN", SmallCNN((4, 8, 16)).eval()), ("ResNet-8", ResNet(8, 4).eval())]
-    x = torch.randn(3, 3, 32, 32, generator=_gen(1))
+    x = torch.randn(3, 3, 32, 32, generator=contract.generator(1))
     for label, model in models_:
         names = ["layer1", "layer2", "layer3"]
         with torch.no_grad():

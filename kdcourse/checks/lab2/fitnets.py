@@ -13,7 +13,6 @@ from ...losses import feature
 from ...models import ResNet, SmallCNN
 from ...train import TrainState
 from .. import CheckFailed, contract
-from ._common import _gen
 
 
 # --------------------------------------------------------------------------
@@ -87,7 +86,7 @@ def fitnets_setting(seed: int = 0, n: int = 6):
                 m.running_var.uniform_(0.5, 2.0)
     teacher.eval()
     student = SmallCNN((4, 6, 8), num_classes=4)
-    g = _gen(seed + 100)
+    g = contract.generator(seed + 100)
     x = torch.randn(n, 3, 16, 16, generator=g)
     labels = torch.randint(0, 4, (n,), generator=g)
     split = Split(x, labels, ("a", "b", "c", "d"))
